@@ -1,0 +1,42 @@
+"""Arrow schemas and typed records for every artifact of a SEFE run; validation lives here."""
+
+from data_contracts.artifacts import (
+    INSTRUCTIONS,
+    MATRICES,
+    METRIC_TABLE,
+    METRICS,
+    ORIGINS,
+    PREDICTIONS,
+    REJECTS,
+    SPLITS,
+    STYLES,
+    InstructionRecord,
+    MetricRecord,
+    PredictionRecord,
+    RejectRecord,
+)
+from data_contracts.atomic import FileInfo, atomic_path, file_info, sha256_file, write_json
+from data_contracts.contract import Contract, ContractError
+
+__all__ = [
+    "INSTRUCTIONS",
+    "MATRICES",
+    "METRIC_TABLE",
+    "METRICS",
+    "ORIGINS",
+    "PREDICTIONS",
+    "REJECTS",
+    "SPLITS",
+    "STYLES",
+    "Contract",
+    "ContractError",
+    "FileInfo",
+    "InstructionRecord",
+    "MetricRecord",
+    "PredictionRecord",
+    "RejectRecord",
+    "atomic_path",
+    "file_info",
+    "sha256_file",
+    "write_json",
+]

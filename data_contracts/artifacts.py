@@ -1,0 +1,89 @@
+"""The artifacts of a SEFE run, one typed record + contract each (DESIGN.md §3)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from data_contracts.contract import JSON_OBJECT, RELATIVE_PATH, UNIQUE, Contract, enum
+
+# The five answer styles of ASD plus the grounding-native box style (DESIGN.md §1.1).
+STYLES = ("yes_no", "mcq", "short", "brief", "detail", "bbox")
+ORIGINS = ("original", "asd")
+SPLITS = ("train", "val", "test")
+MATRICES = ("accuracy", "format", "content")
+METRICS = ("MFT", "MFN", "MAA", "BWT")
+
+
+@dataclass(frozen=True)
+class InstructionRecord:
+    """One instruction sample. `image` is relative to the run's image root; `meta` is a JSON
+    object holding what scorers and rewriters need beyond the answer (options, the ten TextVQA
+    answers, scene metadata, image size)."""
+
+    id: str = field(metadata=UNIQUE)
+    task: str
+    split: str = field(metadata=enum(*SPLITS))
+    image: str = field(metadata=RELATIVE_PATH)
+    question: str
+    answer: str
+    style: str = field(metadata=enum(*STYLES))
+    origin: str = field(metadata=enum(*ORIGINS))
+    source_id: str
+    meta: str = field(default="{}", metadata=JSON_OBJECT)
+
+    @property
+    def meta_dict(self) -> dict[str, Any]:
+        return json.loads(self.meta)
+
+
+@dataclass(frozen=True)
+class RejectRecord:
+    """A row that failed a step, with the reason and whatever raw text the step saw."""
+
+    id: str
+    task: str
+    step: str
+    reason: str
+    raw_text: str = ""
+
+
+@dataclass(frozen=True)
+class PredictionRecord:
+    """One generated answer of the model of `stage` (after task `stage`) on a sample of `task`.
+
+    `score` is the task scorer's value (0/1, or VQA soft accuracy); `format_ok` says whether the
+    answer has the task's style, `content_ok` whether it is right once the format is ignored.
+    """
+
+    method: str
+    stage: int
+    task: str
+    id: str
+    style: str = field(metadata=enum(*STYLES))
+    prediction: str
+    reference: str
+    score: float
+    format_ok: bool
+    content_ok: bool
+
+
+@dataclass(frozen=True)
+class MetricRecord:
+    """One continual-learning metric of one method, on one of the three matrices."""
+
+    method: str
+    matrix: str = field(metadata=enum(*MATRICES))
+    metric: str = field(metadata=enum(*METRICS))
+    value: float
+
+
+INSTRUCTIONS: Contract[InstructionRecord] = Contract("instructions", InstructionRecord)
+REJECTS: Contract[RejectRecord] = Contract("rejects", RejectRecord, unique_key=("id", "step"))
+PREDICTIONS: Contract[PredictionRecord] = Contract(
+    "predictions", PredictionRecord, unique_key=("method", "stage", "task", "id")
+)
+METRIC_TABLE: Contract[MetricRecord] = Contract(
+    "metrics", MetricRecord, unique_key=("method", "matrix", "metric")
+)

@@ -1,0 +1,103 @@
+"""The ground every run stands on: the benchmark's records and images, and the base model.
+
+Both are cached on disk under the run directory, keyed by the hash of the config that made
+them, and appear atomically, so a second call (or a resumed run) reuses them.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from data_contracts import INSTRUCTIONS, atomic_path, write_json
+from sefe_core.config import RunConfig
+from sefe_core.hashing import config_hash
+from sefe_core.minicoin import build_minicoin
+from sefe_core.registry import task_spec
+from sefe_core.tiny_vlm import BaseModel, ensure_tiny_vlm
+from sefe_core.vlm import generate_answers, load_vlm
+
+
+@dataclass(frozen=True)
+class Benchmark:
+    """A benchmark on disk: `<dir>/<task>.parquet` + images under `<dir>/images/`."""
+
+    name: str
+    dir: Path
+    tasks: tuple[str, ...]
+    sha256: dict[str, str]
+    seconds: float
+    reused: bool
+
+    @property
+    def image_root(self) -> Path:
+        return self.dir / "images"
+
+    def task_file(self, task: str) -> Path:
+        return self.dir / f"{task}.parquet"
+
+
+def ensure_benchmark(cfg: RunConfig) -> Benchmark:
+    mc = cfg.benchmark.minicoin
+    key = config_hash({"name": cfg.benchmark.name, "minicoin": asdict(mc)})
+    final = cfg.run_dir / "benchmark" / f"{cfg.benchmark.name}-{key}"
+    index = final / "benchmark.json"
+    if index.exists():
+        info = json.loads(index.read_text())
+        return Benchmark(
+            cfg.benchmark.name, final, tuple(info["tasks"]), info["sha256"], info["seconds"], True
+        )
+    t0 = time.perf_counter()
+    with atomic_path(final) as tmp:
+        infos = build_minicoin(tmp, mc)
+        seconds = time.perf_counter() - t0
+        sha = {t: i.sha256 for t, i in infos.items()}
+        write_json(
+            tmp / "benchmark.json", {"key": key, "tasks": list(mc.tasks), "sha256": sha, "seconds": seconds}
+        )
+    return Benchmark(cfg.benchmark.name, final, tuple(mc.tasks), sha, seconds, False)
+
+
+def ensure_base_model(cfg: RunConfig) -> BaseModel:
+    if cfg.model.kind == "tiny":
+        return ensure_tiny_vlm(cfg.run_dir / "base", cfg.model.tiny)
+    if not cfg.model.path or not Path(cfg.model.path).is_dir():
+        raise FileNotFoundError(
+            f"model.kind=pretrained needs model.path to be a local llava-hf directory, got {cfg.model.path!r}"
+        )
+    path = Path(cfg.model.path)
+    return BaseModel(path, config_hash(str(path.resolve())), float("nan"), float("nan"), 0.0, reused=True)
+
+
+@dataclass(frozen=True)
+class PreviewRow:
+    task: str
+    id: str
+    question: str
+    reference: str
+    prediction: str
+
+
+def zero_shot_preview(
+    cfg: RunConfig, bench: Benchmark, base: BaseModel, n_per_task: int = 3
+) -> list[PreviewRow]:
+    """The base model's answers on a few test samples of every task, before any continual step."""
+    model, processor = load_vlm(base.path, trust_remote_code=cfg.model.trust_remote_code)
+    rows: list[PreviewRow] = []
+    rng = random.Random(cfg.benchmark.minicoin.seed)
+    for task in bench.tasks:
+        recs = [r for r in INSTRUCTIONS.read_records(bench.task_file(task)) if r.split == "test"]
+        picked = rng.sample(recs, min(n_per_task, len(recs)))
+        spec = task_spec(cfg.benchmark.name, task)
+        preds = generate_answers(
+            model,
+            processor,
+            [{"image": r.image, "question": r.question} for r in picked],
+            image_root=bench.image_root,
+            max_new_tokens=spec.max_new_tokens,
+        )
+        rows += [PreviewRow(task, r.id, r.question, r.answer, p) for r, p in zip(picked, preds, strict=True)]
+    return rows

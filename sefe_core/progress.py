@@ -1,0 +1,61 @@
+"""Progress on long work: one rich progress bar per Trainer run, with the running loss.
+
+Replaces the Trainer's tqdm bar and its raw log-dict prints, which interleave badly with the
+rest of the terminal output.
+"""
+
+from __future__ import annotations
+
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+
+
+class RichProgressCallback(TrainerCallback):
+    def __init__(self, description: str):
+        self.description = description
+        self.progress: Progress | None = None
+        self.task = None
+        self.loss = float("nan")
+
+    def on_train_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw
+    ) -> None:
+        self.progress = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]}"),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            transient=False,
+        )
+        self.progress.start()
+        self.task = self.progress.add_task(
+            self.description, total=state.max_steps, completed=state.global_step, loss="-"
+        )
+
+    def on_step_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw
+    ) -> None:
+        if self.progress is not None:
+            self.progress.update(self.task, completed=state.global_step)
+
+    def on_log(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, logs=None, **kw
+    ) -> None:
+        if self.progress is not None and logs and "loss" in logs:
+            self.progress.update(self.task, loss=f"{float(logs['loss']):.3f}")
+
+    def on_train_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw
+    ) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None

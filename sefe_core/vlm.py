@@ -1,0 +1,144 @@
+"""Loading a LLaVA-class model and turning instruction records into model inputs.
+
+Every step (pre-training, per-task training, evaluation) goes through these functions, and they
+take the same path for the embedded tiny model as for a real llava-hf checkpoint:
+`from_pretrained` on a directory, the checkpoint's own chat template, LLaVA's pad-to-square.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from transformers import AutoProcessor, LlavaForConditionalGeneration, ProcessorMixin
+
+IGNORE_INDEX = -100
+
+
+def load_vlm(
+    path: str | Path,
+    *,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device = "cpu",
+    trust_remote_code: bool = False,
+) -> tuple[LlavaForConditionalGeneration, ProcessorMixin]:
+    """Load model + processor from a local directory (or a hub id where the user allows it)."""
+    model = LlavaForConditionalGeneration.from_pretrained(
+        str(path), dtype=dtype or torch.float32, trust_remote_code=trust_remote_code
+    ).to(device)
+    processor = AutoProcessor.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    return model, processor
+
+
+def pad_to_square(img: Image.Image, fill: Sequence[float]) -> Image.Image:
+    """LLaVA-1.5's expand2square: pad with the processor's mean colour, centre the image.
+
+    Boxes of the grounding task are normalised in this padded frame.
+    """
+    img = img.convert("RGB")
+    w, h = img.size
+    if w == h:
+        return img
+    side = max(w, h)
+    color = tuple(int(round(255 * c)) for c in fill)
+    out = Image.new("RGB", (side, side), color)
+    out.paste(img, ((side - w) // 2, (side - h) // 2))
+    return out
+
+
+def prompt_text(processor: ProcessorMixin, question: str) -> str:
+    """The checkpoint's own chat template with one image and the question, ready for generation."""
+    conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+    return processor.apply_chat_template(conversation, add_generation_prompt=True)
+
+
+def open_image(
+    image: str | Path | Image.Image, image_root: Path | None, processor: ProcessorMixin
+) -> Image.Image:
+    if not isinstance(image, Image.Image):
+        path = Path(image) if image_root is None else image_root / image
+        with Image.open(path) as im:
+            image = im.convert("RGB")
+    return pad_to_square(image, processor.image_processor.image_mean)
+
+
+@dataclass
+class VLMCollator:
+    """Batches samples {image, question, answer} for causal-LM training.
+
+    The prompt goes through the processor (which expands the image token); the answer and EOS
+    are appended as plain token ids, so only answer tokens carry labels. Right padding.
+    """
+
+    processor: ProcessorMixin
+    image_root: Path | None = None
+    max_length: int | None = None
+
+    def __call__(self, samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        tok = self.processor.tokenizer
+        images = [open_image(s["image"], self.image_root, self.processor) for s in samples]
+        prompts = [prompt_text(self.processor, s["question"]) for s in samples]
+        enc = self.processor(images=images, text=prompts, return_tensors=None, padding=False)
+        answers = tok([" " + s["answer"] for s in samples], add_special_tokens=False)["input_ids"]
+        seqs, labels = [], []
+        for p_ids, a_ids in zip(enc["input_ids"], answers, strict=True):
+            ids = list(p_ids) + list(a_ids) + [tok.eos_token_id]
+            lab = [IGNORE_INDEX] * len(p_ids) + list(a_ids) + [tok.eos_token_id]
+            if self.max_length is not None:
+                ids, lab = ids[: self.max_length], lab[: self.max_length]
+            seqs.append(ids)
+            labels.append(lab)
+        width = max(len(s) for s in seqs)
+        pad = tok.pad_token_id
+        input_ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+        attention = torch.zeros((len(seqs), width), dtype=torch.long)
+        label_t = torch.full((len(seqs), width), IGNORE_INDEX, dtype=torch.long)
+        for i, (ids, lab) in enumerate(zip(seqs, labels, strict=True)):
+            input_ids[i, : len(ids)] = torch.tensor(ids)
+            attention[i, : len(ids)] = 1
+            label_t[i, : len(lab)] = torch.tensor(lab)
+        pixel_values = torch.as_tensor(np.stack(enc["pixel_values"]))
+        return {
+            "input_ids": input_ids,
+            "attention_mask": attention,
+            "pixel_values": pixel_values,
+            "labels": label_t,
+        }
+
+
+@torch.no_grad()
+def generate_answers(
+    model: LlavaForConditionalGeneration,
+    processor: ProcessorMixin,
+    samples: Sequence[dict[str, Any]],
+    *,
+    image_root: Path | None = None,
+    max_new_tokens: int = 16,
+    batch_size: int = 64,
+) -> list[str]:
+    """Greedy answers for {image, question} samples, batched with left padding."""
+    tok = processor.tokenizer
+    old_side = tok.padding_side
+    tok.padding_side = "left"
+    model.eval()
+    out: list[str] = []
+    try:
+        for start in range(0, len(samples), batch_size):
+            chunk = samples[start : start + batch_size]
+            images = [open_image(s["image"], image_root, processor) for s in chunk]
+            prompts = [prompt_text(processor, s["question"]) for s in chunk]
+            enc = processor(images=images, text=prompts, return_tensors="pt", padding=True).to(model.device)
+            enc["pixel_values"] = enc["pixel_values"].to(model.dtype)
+            gen = model.generate(
+                **enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id
+            )
+            new = gen[:, enc["input_ids"].shape[1] :]
+            out += [t.strip() for t in tok.batch_decode(new, skip_special_tokens=True)]
+    finally:
+        tok.padding_side = old_side
+    return out

@@ -1,0 +1,36 @@
+"""Shared fixtures. Everything is built offline, in temp dirs; nothing touches a model hub."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from sefe_core.config import RunConfig, load_config  # noqa: E402
+from sefe_core.prepare import Benchmark, ensure_base_model, ensure_benchmark  # noqa: E402
+from sefe_core.tiny_vlm import BaseModel  # noqa: E402
+
+# Small enough for a 2-core CI machine; the same code paths as the default.
+SMALL = [
+    "benchmark.minicoin.n_train=24",
+    "benchmark.minicoin.n_test=6",
+    "model.tiny.pretrain_samples=1600",
+    "model.tiny.pretrain_heldout=64",
+    "model.tiny.pretrain_epochs=1",
+]
+
+
+def small_config(runs_root: Path, *extra: str) -> RunConfig:
+    return load_config(None, [f"runs_root={runs_root}", *SMALL, *extra])
+
+
+@pytest.fixture(scope="session")
+def small_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[RunConfig, Benchmark, BaseModel]:
+    """A small MiniCoIN and a briefly pre-trained tiny base model, built once per session."""
+    cfg = small_config(tmp_path_factory.mktemp("runs"))
+    return cfg, ensure_benchmark(cfg), ensure_base_model(cfg)
