@@ -12,7 +12,9 @@ from data_contracts.contract import JSON_OBJECT, RELATIVE_PATH, UNIQUE, Contract
 STYLES = ("yes_no", "mcq", "short", "brief", "detail", "bbox")
 ORIGINS = ("original", "asd")
 SPLITS = ("train", "val", "test")
-MATRICES = ("accuracy", "format", "content")
+# accuracy/format/content: the forgetting split (DESIGN.md §1.4); reference: accuracy under the
+# reference evaluators' rules (sefe_core.scorers, compat="reference").
+MATRICES = ("accuracy", "format", "content", "reference")
 METRICS = ("MFT", "MFN", "MAA", "BWT")
 
 
@@ -55,6 +57,8 @@ class PredictionRecord:
 
     `score` is the task scorer's value (0/1, or VQA soft accuracy); `format_ok` says whether the
     answer has the task's style, `content_ok` whether it is right once the format is ignored.
+    `score_reference` is the score under the reference evaluator's rules (quirks included), kept
+    next to the intended one so published numbers can be reproduced from the same file.
     """
 
     method: str
@@ -67,16 +71,18 @@ class PredictionRecord:
     score: float
     format_ok: bool
     content_ok: bool
+    score_reference: float | None = None
 
 
 @dataclass(frozen=True)
 class MetricRecord:
-    """One continual-learning metric of one method, on one of the three matrices."""
+    """One continual-learning metric of one method, on one of the matrices. `value` is None where
+    the metric is undefined (BWT with a single task)."""
 
     method: str
     matrix: str = field(metadata=enum(*MATRICES))
     metric: str = field(metadata=enum(*METRICS))
-    value: float
+    value: float | None
 
 
 INSTRUCTIONS: Contract[InstructionRecord] = Contract("instructions", InstructionRecord)

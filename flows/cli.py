@@ -85,3 +85,216 @@ def run(config: Path | None = ConfigOpt, set_: list[str] = SetOpt) -> None:
         t.add_row(r.task, r.question.split("\n")[0][:48], r.reference, r.prediction or "<empty>")
     console.print(t)
     console.print(f"Done in {time.perf_counter() - t0:.0f} s. Outputs under [bold]{cfg.run_dir}[/].")
+
+
+MatrixArg = typer.Argument(..., help="Matrix CSV: row i = stage after task i, column j = task j.")
+JsonOpt = typer.Option(False, "--json", help="Print the metrics as JSON (for machines).")
+RunDirOpt = typer.Option(None, "--run-dir", help="Run directory (default: the config's run_dir).")
+MethodOpt = typer.Option([], "--method", "-m", help="Only these methods (repeatable).")
+
+
+@app.command()
+def metrics(matrix: Path = MatrixArg, as_json: bool = JsonOpt) -> None:
+    """Recompute MFT, MFN, MAA and BWT from an accuracy (or format / content) matrix file.
+
+    Blank cells above the diagonal; an optional header names the tasks and an optional first
+    column labels the stages. Values are used as given (fractions or percentages)."""
+    import json
+
+    from sefe_core.metrics import MatrixError, cl_metrics, read_matrix_csv
+
+    try:
+        a, tasks = read_matrix_csv(matrix)
+    except (MatrixError, OSError) as e:
+        console.print(f"[red]Bad matrix:[/] {e}")
+        raise typer.Exit(2) from None
+    values = cl_metrics(a, tasks)
+    if as_json:
+        typer.echo(json.dumps({"matrix": str(matrix), "tasks": a.shape[0], **values}, indent=2))
+        return
+    t = Table("metric", "value", title=f"{matrix.name}: {a.shape[0]} task(s)")
+    for name, v in values.items():
+        t.add_row(name, "n/a (needs >= 2 tasks)" if v is None else f"{v:.4f}")
+    console.print(t)
+
+
+@app.command()
+def report(
+    run_dir: Path | None = RunDirOpt,
+    method: list[str] = MethodOpt,
+    config: Path | None = ConfigOpt,
+    set_: list[str] = SetOpt,
+) -> None:
+    """Write the run report (markdown, PNG plots, metrics.json) from the methods' predictions."""
+    from sefe_core.metrics import MatrixError
+    from sefe_core.report import build_report, metrics_summary
+
+    root = run_dir if run_dir is not None else _config(config, set_).run_dir
+    try:
+        out = build_report(root, methods=method or None)
+    except (MatrixError, FileNotFoundError, ValueError) as e:
+        console.print(f"[red]Cannot build the report:[/] {e}")
+        raise typer.Exit(2) from None
+    summary = metrics_summary(out / "metrics.json")
+    t = Table(
+        "method", "stages", "MFT", "MFN", "MAA", "BWT", "superficial", "essential", title="Accuracy (%)"
+    )
+
+    def pct(v: float | None) -> str:
+        return "n/a" if v is None else f"{100 * v:.2f}"
+
+    for name in summary["order"]:
+        m = summary["methods"][name]
+        acc, fg = m["metrics"]["accuracy"], m["forgetting_mean"]
+        t.add_row(
+            name,
+            str(m["stages"]),
+            *(pct(acc[k]) for k in ("MFT", "MFN", "MAA", "BWT")),
+            pct(fg["superficial"]),
+            pct(fg["essential"]),
+        )
+    console.print(t)
+    console.print(f"Report: [bold]{out / 'report.md'}[/] (per method: <run_dir>/<method>/report/)")
+
+
+AsdTaskOpt = typer.Option([], "--task", "-t", help="Only this task (repeatable); default: all.")
+
+
+@app.command()
+def asd(config: Path | None = ConfigOpt, set_: list[str] = SetOpt, task: list[str] = AsdTaskOpt) -> None:
+    """ASD: rewrite asd.percent% of every task's training records into the answer styles it does not
+    use (backend `rules`, or `openai` for a served model) into <run_dir>/data/<task>.parquet + rejects."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from sefe_core.asd import run_asd, target_styles
+    from sefe_core.prepare import ensure_benchmark
+    from sefe_core.registry import task_spec
+    from sefe_core.rewriter import RewriterError
+
+    cfg = _config(config, set_)
+    a = cfg.asd
+    bench = ensure_benchmark(cfg)
+    unknown = [t for t in task if t not in bench.tasks]
+    if unknown:
+        console.print(f"[red]Unknown task(s)[/] {unknown}; tasks: {list(bench.tasks)}")
+        raise typer.Exit(2)
+    out = cfg.run_dir / "data"
+    backend = (
+        "rules (no model)" if a.backend == "rules" else f"openai: {a.server.model} at {a.server.base_url}"
+    )
+    console.rule(f"[bold]ASD: {a.percent:g}% of each task's train records, seed {a.seed}, backend {backend}")
+    results = []
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    try:
+        with Progress(*columns, console=console, transient=True) as bar:
+            for name in list(task) or list(bench.tasks):
+                tid = bar.add_task(f"ASD {name} (shards)", total=None)
+
+                def shard_done(done: int, total: int, tid=tid) -> None:
+                    bar.update(tid, completed=done, total=total)
+
+                results.append(
+                    run_asd(
+                        bench.task_file(name),
+                        bench.image_root,
+                        out,
+                        a,
+                        benchmark=cfg.benchmark.name,
+                        progress=shard_done,
+                    )
+                )
+    except RewriterError as e:
+        console.print(f"[red]ASD stopped:[/] {e}")
+        raise typer.Exit(1) from None
+    t = Table("task", "converted into", "selected", "converted", "rejected", "shards (reused)", "s")
+    for r in results:
+        styles = ", ".join(target_styles(task_spec(cfg.benchmark.name, r.task).native_style))
+        shards = "finished earlier" if r.reused else f"{r.shards} ({r.shards_reused})"
+        t.add_row(
+            r.task, styles, str(r.selected), str(r.converted), str(r.rejected), shards, f"{r.seconds:.1f}"
+        )
+    console.print(t)
+    sel, conv, rej = (sum(getattr(r, k) for r in results) for k in ("selected", "converted", "rejected"))
+    console.print(f"selected {sel} = converted {conv} + rejected {rej}")
+    for r in results:
+        for reason, n in list(r.reasons.items())[:3]:
+            console.print(f"  {r.task}: {n} rejected: {reason}")
+    console.print(
+        f"Outputs: [bold]{out}[/]/<task>.parquet, <task>.rejects.parquet (shards under {out / 'shards'})"
+    )
+
+
+MethodOpt = typer.Option("reglora", "--method", "-m", help="lora, reglora, reglora-random, l1, asd, sefe.")
+TaskOpt = typer.Option([], "--task", "-t", help="Train only these tasks (default: all, in order).")
+ExportOpt = typer.Option(None, "--export", help="Also write the merged model after the last task here.")
+
+
+@app.command()
+def train(
+    method: str = MethodOpt,
+    tasks: list[str] = TaskOpt,
+    export: Path | None = ExportOpt,
+    config: Path | None = ConfigOpt,
+    set_: list[str] = SetOpt,
+) -> None:
+    """Continual training: one fresh LoRA per task on the model holding the earlier tasks, with the
+    method's penalty; leaves <run_dir>/<method>/task-<name>/{adapter/, mask.safetensors, train.json}.
+    Finished tasks are reused; an interrupted task resumes from its last checkpoint."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from sefe_core.prepare import ensure_base_model, ensure_benchmark
+    from sefe_core.reglora import METHODS
+    from sefe_core.train import export_merged, run_sequence
+
+    cfg = _config(config, set_)
+    if method not in METHODS:
+        console.print(f"[red]Unknown method {method!r}[/]; known: {', '.join(METHODS)}")
+        raise typer.Exit(2)
+    if cfg.model.kind == "pretrained" and cfg.train.preset == "minicoin":
+        console.print(
+            "[yellow]train.preset is 'minicoin' for a pretrained model; set train.preset=reference?[/]"
+        )
+    t0 = time.perf_counter()
+    with console.status("Preparing the benchmark and the base model..."):
+        bench = ensure_benchmark(cfg)
+        base = ensure_base_model(cfg)
+    names = [t for t in bench.tasks if not tasks or t in tasks]
+    unknown = sorted(set(tasks) - set(bench.tasks))
+    if unknown or not names:
+        console.print(f"[red]Unknown task(s) {unknown}[/]; tasks: {', '.join(bench.tasks)}")
+        raise typer.Exit(2)
+    if method in ("asd", "sefe"):  # lora / reglora fed the ASD data of `sefe asd`
+        files = {t: cfg.run_dir / "data" / f"{t}.parquet" for t in names}
+        missing = [str(p) for p in files.values() if not p.exists()]
+        if missing:
+            console.print(f"[red]{method} trains on ASD data; run `sefe asd` first.[/] Missing: {missing[0]}")
+            raise typer.Exit(2)
+    else:
+        files = {t: bench.task_file(t) for t in names}
+    console.rule(f"[bold]Training {method}: {len(names)} tasks")
+    table = Table("task", "steps", "run now", "samples", "final loss", "s", "", title=f"{method}")
+
+    def done(name, res) -> None:
+        how = (
+            "reused" if res.reused else (f"resumed {Path(res.resumed_from).name}" if res.resumed_from else "")
+        )
+        table.add_row(
+            name, str(res.global_step), str(res.steps_run), str(res.train_samples),
+            f"{res.final_loss:.3f}", f"{res.seconds:.1f}", how,
+        )  # fmt: skip
+        console.print(
+            f"{name}: {res.steps_run} steps in {res.seconds:.1f} s, loss {res.final_loss:.3f} {how}"
+        )
+
+    results = run_sequence(
+        method, base.path, files, bench.image_root, cfg.run_dir, cfg.train,
+        trust_remote_code=cfg.model.trust_remote_code, progress=True, on_task_end=done,
+    )  # fmt: skip
+    console.print(table)
+    if export is not None:
+        with console.status(f"Writing the merged model after {names[-1]}..."):
+            export_merged(base.path, [r.task_dir for r in results], export)
+        console.print(f"Merged model -> [bold]{export}[/]")
+    console.print(
+        f"Done in {time.perf_counter() - t0:.0f} s. Outputs under [bold]{cfg.run_dir / method}[/]/task-<name>/"
+    )

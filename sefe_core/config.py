@@ -7,10 +7,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from sefe_core.asd import ASDConfig
 from sefe_core.minicoin import MiniCoINConfig
 from sefe_core.tiny_vlm import TinyVLMConfig
+from sefe_core.train import RunTrainConfig, run_default
 
 
 class BenchmarkConfig(BaseModel):
@@ -29,12 +31,39 @@ class ModelConfig(BaseModel):
     tiny: TinyVLMConfig = Field(default_factory=TinyVLMConfig)
 
 
+# Default on MiniCoIN: SEFE, its two halves, plain LoRA, and the two controls that show what the
+# top-M% selection itself buys (DESIGN.md §7: report them, whoever wins).
+DEFAULT_METHODS = ["lora", "asd", "reglora", "sefe", "reglora-random", "l1"]
+
+
+class EvalConfig(BaseModel):
+    """Generation settings of evaluation (greedy, batched with left padding)."""
+
+    model_config = ConfigDict(extra="forbid")
+    batch_size: int = Field(64, gt=0)
+
+
 class RunConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     experiment: str = "minicoin-demo"
     runs_root: str = "runs"
     benchmark: BenchmarkConfig = Field(default_factory=BenchmarkConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
+    # per-task training (sefe_core.train.TrainConfig); preset `minicoin` unless the section says otherwise
+    train: RunTrainConfig = Field(default_factory=run_default)
+    asd: ASDConfig = Field(default_factory=ASDConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    methods: list[str] = Field(default_factory=lambda: list(DEFAULT_METHODS))
+
+    @field_validator("methods")
+    @classmethod
+    def _known_methods(cls, v: list[str]) -> list[str]:
+        from sefe_core.reglora import METHODS
+
+        unknown = [m for m in v if m not in METHODS]
+        if unknown or not v or len(set(v)) != len(v):
+            raise ValueError(f"methods must be distinct names from {sorted(METHODS)}, got {v}")
+        return v
 
     @property
     def run_dir(self) -> Path:

@@ -40,23 +40,37 @@ class Benchmark:
         return self.dir / f"{task}.parquet"
 
 
+def load_benchmark(path: str | Path) -> Benchmark:
+    """A benchmark directory written by `ensure_benchmark` (its `benchmark.json` index)."""
+    path = Path(path)
+    index = path / "benchmark.json"
+    if not index.exists():
+        raise FileNotFoundError(f"{path} is not a benchmark directory (no benchmark.json)")
+    info = json.loads(index.read_text())
+    return Benchmark(info["name"], path, tuple(info["tasks"]), info["sha256"], info["seconds"], True)
+
+
 def ensure_benchmark(cfg: RunConfig) -> Benchmark:
     mc = cfg.benchmark.minicoin
     key = config_hash({"name": cfg.benchmark.name, "minicoin": asdict(mc)})
     final = cfg.run_dir / "benchmark" / f"{cfg.benchmark.name}-{key}"
     index = final / "benchmark.json"
     if index.exists():
-        info = json.loads(index.read_text())
-        return Benchmark(
-            cfg.benchmark.name, final, tuple(info["tasks"]), info["sha256"], info["seconds"], True
-        )
+        return load_benchmark(final)
     t0 = time.perf_counter()
     with atomic_path(final) as tmp:
         infos = build_minicoin(tmp, mc)
         seconds = time.perf_counter() - t0
         sha = {t: i.sha256 for t, i in infos.items()}
         write_json(
-            tmp / "benchmark.json", {"key": key, "tasks": list(mc.tasks), "sha256": sha, "seconds": seconds}
+            tmp / "benchmark.json",
+            {
+                "name": cfg.benchmark.name,
+                "key": key,
+                "tasks": list(mc.tasks),
+                "sha256": sha,
+                "seconds": seconds,
+            },
         )
     return Benchmark(cfg.benchmark.name, final, tuple(mc.tasks), sha, seconds, False)
 

@@ -35,6 +35,7 @@ from transformers import (
 
 from data_contracts import atomic_path, write_json
 from sefe_core import minicoin
+from sefe_core.asd import sample_texts as asd_sample_texts
 from sefe_core.hashing import config_hash, stable_seed
 from sefe_core.minicoin import COLORS, QUADRANTS, SHAPES, format_box
 from sefe_core.progress import RichProgressCallback
@@ -56,7 +57,7 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
 )
 # Bump when the builder or the pre-training mix changes: it is part of the cache key.
-BUILDER_VERSION = 1
+BUILDER_VERSION = 2  # 2: the tokenizer corpus includes what ASD writes (asd.sample_texts)
 
 
 @dataclass(frozen=True)
@@ -94,6 +95,7 @@ def corpus_texts(n_per_task: int = 300) -> list[str]:
             _, q, a, _ = minicoin.GENERATORS[spec.scorer](rng)
             texts += [q, " " + a]
     texts += [s.question + " " + s.answer for s in pretraining_mix(2000, seed=12345)]
+    texts += asd_sample_texts()  # every word ASD's rules and style instructions write
     words = minicoin.answer_vocabulary() + list(COLORS) + list(SHAPES) + [str(i) for i in range(101)]
     words += [f"{i:02d}" for i in range(100)] + list("[],.?:;'\"()-!ABCDE")
     texts += [" ".join(words)]

@@ -17,6 +17,8 @@ import torch
 from PIL import Image
 from transformers import AutoProcessor, LlavaForConditionalGeneration, ProcessorMixin
 
+from sefe_core import counters
+
 IGNORE_INDEX = -100
 
 
@@ -120,25 +122,40 @@ def generate_answers(
     image_root: Path | None = None,
     max_new_tokens: int = 16,
     batch_size: int = 64,
+    sort_by_length: bool = True,
 ) -> list[str]:
-    """Greedy answers for {image, question} samples, batched with left padding."""
+    """Greedy answers for {image, question} samples, batched with left padding, in input order.
+
+    With `sort_by_length`, samples are batched in order of prompt length so a batch pads little;
+    answers come back in the caller's order either way.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     tok = processor.tokenizer
+    prompts = [prompt_text(processor, s["question"]) for s in samples]
+    order = list(range(len(samples)))
+    if sort_by_length and batch_size > 1 and len(samples) > batch_size:
+        lengths = [len(ids) for ids in tok(prompts, add_special_tokens=False)["input_ids"]]
+        order.sort(key=lengths.__getitem__)
     old_side = tok.padding_side
     tok.padding_side = "left"
     model.eval()
-    out: list[str] = []
+    out: list[str] = [""] * len(samples)
     try:
-        for start in range(0, len(samples), batch_size):
-            chunk = samples[start : start + batch_size]
-            images = [open_image(s["image"], image_root, processor) for s in chunk]
-            prompts = [prompt_text(processor, s["question"]) for s in chunk]
-            enc = processor(images=images, text=prompts, return_tensors="pt", padding=True).to(model.device)
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            images = [open_image(samples[i]["image"], image_root, processor) for i in idx]
+            enc = processor(
+                images=images, text=[prompts[i] for i in idx], return_tensors="pt", padding=True
+            ).to(model.device)
             enc["pixel_values"] = enc["pixel_values"].to(model.dtype)
             gen = model.generate(
                 **enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id
             )
             new = gen[:, enc["input_ids"].shape[1] :]
-            out += [t.strip() for t in tok.batch_decode(new, skip_special_tokens=True)]
+            for i, text in zip(idx, tok.batch_decode(new, skip_special_tokens=True), strict=True):
+                out[i] = text.strip()
+            counters.add("generations", len(idx))  # lets a rerun prove it generated nothing
     finally:
         tok.padding_side = old_side
     return out

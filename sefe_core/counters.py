@@ -1,0 +1,32 @@
+"""Process-wide work counters (training steps, generated answers).
+
+They let a caller prove that a rerun did no work: a cached step never calls into sefe_core, so
+the counters stay at zero. Kept in-process and cheap; not an artifact.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from transformers import TrainerCallback
+
+_COUNTS: Counter[str] = Counter()
+
+
+def add(name: str, n: int = 1) -> None:
+    _COUNTS[name] += n
+
+
+def get(name: str) -> int:
+    return _COUNTS[name]
+
+
+def snapshot() -> dict[str, int]:
+    return dict(_COUNTS)
+
+
+class StepCounter(TrainerCallback):
+    """Counts optimizer steps actually run (a resumed run counts only the steps it did)."""
+
+    def on_step_end(self, args, state, control, **kwargs) -> None:  # noqa: ANN001
+        add("train_steps")

@@ -1,0 +1,488 @@
+"""The eight CoIN scorers, each under two rule sets, plus the lenient content check.
+
+Every scorer takes the model's answer, the record's `answer` and its `meta` dict, and returns a
+score in [0, 1]. Two rule sets:
+
+* ``compat="intended"`` (default): what each reference evaluator means to measure.
+* ``compat="reference"``: the reference evaluators' code, quirks included, to reproduce published
+  numbers. Followed: the SEFE repository's ``llava/eval/CoIN/eval_*.py`` (jinpeng0528/SEFE, the
+  code behind the paper's tables), CoIN's ``ETrain/Eval/LLaVA/CoIN/`` (zackschen/CoIN, GQA's
+  ``convert_gqa_for_eval.py``), and LLaVA's ``m4c_evaluator.py`` (EvalAI answer normalisation
+  and TextVQA soft accuracy). This is our own code written to those rules, not a copy.
+
+Where the two differ (each one is tested in ``tests/test_scorers.py``):
+
+============ ============================================ ==========================================
+scorer       reference evaluator                          intended rule (default)
+============ ============================================ ==========================================
+scienceqa    ``The answer is ([A-Z]).``: the unescaped    the letter alone, "X." / "X. ...", or
+             ``.`` accepts any next character, so "The    exactly one "The answer is X" followed by
+             answer is Bob" reads as B and "The answer    "." or the end; surrounding whitespace is
+             is B" (no period) fails; "A." alone fails    ignored; "A." alone is A
+imagenet     raw, case-sensitive substring either way:    case-insensitive, whole words, either
+             an empty answer is always right, "all" is    way; an empty answer is wrong
+             right for "ball", "Ball" wrong
+gqa          strips trailing "." and one leading space,   strips whitespace and trailing ".",
+             lower-cases the prediction only               case-insensitive on both sides
+vizwiz/vqav2 ``pred.upper() == gt.upper()``, no strip     same after stripping whitespace
+ocrvqa       only "Unanswerable" (capitalised) is wrong  "unanswerable" in any case is wrong
+grounding    strips brackets then drops the first and     exactly four numbers, optionally in
+             last characters (so y2 loses its last        brackets; IoU > 0.5 on the boxes as
+             digit: 0.47 -> 0.4; "1.0" as x1 -> 0.0)       written
+textvqa      (no difference; both use EvalAI normalisation and the leave-one-out soft accuracy)
+============ ============================================ ==========================================
+
+`content_ok` is the lenient half of the forgetting split (DESIGN.md §1.4): is the answer right
+once its format is ignored (the option letter or text found anywhere, the short answer contained
+in a sentence, a box found inside other text)? `judge` returns all of it for one prediction.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from sefe_core.registry import SCORERS, TaskSpec
+from sefe_core.styles import format_ok
+
+Compat = Literal["intended", "reference"]
+COMPAT_MODES: tuple[str, ...] = ("intended", "reference")
+LETTERS = "ABCDE"
+_LETTER_SET = frozenset(LETTERS)
+IOU_THRESHOLD = 0.5
+
+# --------------------------------------------------------------------------------------------
+# EvalAI / VQA answer normalisation (LLaVA's m4c_evaluator.EvalAIAnswerProcessor, itself from
+# the official VQA evaluation). Rules: lower-case; drop "," and "?"; split "'s"; punctuation
+# touching a space is removed, inside a word it becomes a space; a "." not followed by a digit is
+# removed; number words -> digits; articles dropped; missing apostrophes restored.
+# --------------------------------------------------------------------------------------------
+_CONTRACTIONS: dict[str, str] = dict(
+    pair.split("=")
+    for pair in """
+aint=ain't arent=aren't cant=can't couldve=could've couldnt=couldn't couldn'tve=couldn't've
+couldnt've=couldn't've didnt=didn't doesnt=doesn't dont=don't hadnt=hadn't hadnt've=hadn't've
+hadn'tve=hadn't've hasnt=hasn't havent=haven't hed=he'd hed've=he'd've he'dve=he'd've hes=he's
+howd=how'd howll=how'll hows=how's Id've=I'd've I'dve=I'd've Im=I'm Ive=I've isnt=isn't itd=it'd
+itd've=it'd've it'dve=it'd've itll=it'll let's=let's maam=ma'am mightnt=mightn't
+mightnt've=mightn't've mightn'tve=mightn't've mightve=might've mustnt=mustn't mustve=must've
+neednt=needn't notve=not've oclock=o'clock oughtnt=oughtn't ow's'at='ow's'at 'ows'at='ow's'at
+'ow'sat='ow's'at shant=shan't shed've=she'd've she'dve=she'd've she's=she's shouldve=should've
+shouldnt=shouldn't shouldnt've=shouldn't've shouldn'tve=shouldn't've somebody'd=somebodyd
+somebodyd've=somebody'd've somebody'dve=somebody'd've somebodyll=somebody'll somebodys=somebody's
+someoned=someone'd someoned've=someone'd've someone'dve=someone'd've someonell=someone'll
+someones=someone's somethingd=something'd somethingd've=something'd've
+something'dve=something'd've somethingll=something'll thats=that's thered=there'd
+thered've=there'd've there'dve=there'd've therere=there're theres=there's theyd=they'd
+theyd've=they'd've they'dve=they'd've theyll=they'll theyre=they're theyve=they've twas='twas
+wasnt=wasn't wed've=we'd've we'dve=we'd've weve=we've werent=weren't whatll=what'll
+whatre=what're whats=what's whatve=what've whens=when's whered=where'd wheres=where's
+whereve=where've whod=who'd whod've=who'd've who'dve=who'd've wholl=who'll whos=who's
+whove=who've whyll=why'll whyre=why're whys=why's wont=won't wouldve=would've wouldnt=wouldn't
+wouldnt've=wouldn't've wouldn'tve=wouldn't've yall=y'all yall'll=y'all'll y'allll=y'all'll
+yall'd've=y'all'd've y'alld've=y'all'd've y'all'dve=y'all'd've youd=you'd youd've=you'd've
+you'dve=you'd've youll=you'll youre=you're youve=you've
+""".split()
+)
+_NUMBERS = dict(
+    zip(
+        "none zero one two three four five six seven eight nine ten".split(),
+        "0 0 1 2 3 4 5 6 7 8 9 10".split(),
+        strict=True,
+    )
+)
+_ARTICLES = frozenset({"a", "an", "the"})
+_PUNCTUATION = (
+    ";",
+    "/",
+    "[",
+    "]",
+    '"',
+    "{",
+    "}",
+    "(",
+    ")",
+    "=",
+    "+",
+    "\\",
+    "_",
+    "-",
+    ">",
+    "<",
+    "@",
+    "`",
+    ",",
+    "?",
+    "!",
+)
+_DIGIT_COMMA = re.compile(r"(?<=\d),+(?=\d)")
+# The reference writes `(?!<=\d)(\.)(?!\d)`: a typo for a look-behind that never fires, so the
+# effective rule is "a period not followed by a digit". The reference also passes re.UNICODE as
+# `count`, so it stops after 32 periods; answers are far shorter, we do not copy that limit.
+_PERIOD = re.compile(r"\.(?!\d)")
+
+
+def normalize_answer(text: str) -> str:
+    """EvalAI answer normalisation, as used by the TextVQA / VQAv2 evaluators."""
+    t = text.lower().replace(",", "").replace("?", "").replace("'s", " 's").strip()
+    t = t.replace("\n", " ").replace("\t", " ").strip()
+    out = t
+    for p in _PUNCTUATION:
+        if p + " " in t or " " + p in t or _DIGIT_COMMA.search(t):
+            out = out.replace(p, "")
+        else:
+            out = out.replace(p, " ")
+    out = _PERIOD.sub("", out)
+    words = [_NUMBERS.get(w, w) for w in out.lower().split()]
+    words = [_CONTRACTIONS.get(w, w) for w in words if w not in _ARTICLES]
+    return " ".join(words)
+
+
+def contains_phrase(text: str, phrase: str) -> bool:
+    """Whole-word containment of normalised `phrase` in normalised `text` ("red" is in "a red
+    ball", "all" is not in "ball")."""
+    t, p = normalize_answer(text), normalize_answer(phrase)
+    return bool(p) and f" {p} " in f" {t} "
+
+
+def _yes_no_exclusive(prediction: str, truth: str) -> bool:
+    """For a yes/no truth, a sentence that says both "yes" and "no" is not an answer."""
+    t = normalize_answer(truth)
+    if t not in ("yes", "no"):
+        return True
+    other = "no" if t == "yes" else "yes"
+    return not contains_phrase(prediction, other)
+
+
+def _contains_answer(prediction: str, truth: str) -> bool:
+    return contains_phrase(prediction, truth) and _yes_no_exclusive(prediction, truth)
+
+
+# --------------------------------------------------------------------------------------------
+# ScienceQA: option letter -> option index
+# --------------------------------------------------------------------------------------------
+_SQA_SENTENCE = re.compile(r"The answer is ([A-E])(?=\.|\s*$)")
+_SQA_SENTENCE_REFERENCE = re.compile(r"The answer is ([A-Z]).")
+
+
+def _sqa_truth(reference: str, meta: Mapping[str, Any]) -> tuple[int, int]:
+    """(answer index, number of options): from meta, else from the reference letter."""
+    n = len(meta["options"]) if "options" in meta else len(LETTERS)
+    if "answer_index" in meta:
+        return int(meta["answer_index"]), n
+    ref = reference.strip().rstrip(".")
+    if ref not in _LETTER_SET:
+        raise ValueError(f"scienceqa: reference {reference!r} is not a letter and meta has no answer_index")
+    return LETTERS.index(ref), n
+
+
+def scienceqa_letter(prediction: str) -> str | None:
+    """The option letter under the intended rule, or None (the answer then counts as wrong)."""
+    t = prediction.strip()
+    if t in _LETTER_SET:
+        return t
+    if len(t) >= 2 and t[0] in _LETTER_SET and t[1] == "." and (len(t) == 2 or t[2] == " "):
+        return t[0]
+    found = _SQA_SENTENCE.findall(t)
+    return found[0] if len(found) == 1 else None
+
+
+def _scienceqa_letter_reference(prediction: str) -> str | None:
+    t = prediction
+    if t in _LETTER_SET:  # no strip: " B" fails
+        return t
+    if len(t) >= 3 and t[0] in _LETTER_SET and t[1:3] == ". ":
+        return t[0]
+    found = _SQA_SENTENCE_REFERENCE.findall(t)
+    return found[0] if len(found) == 1 else None
+
+
+def _letter_score(letter: str | None, reference: str, meta: Mapping[str, Any]) -> float:
+    idx, n = _sqa_truth(reference, meta)
+    if letter is None or letter not in LETTERS[:n]:
+        return 0.0
+    return float(LETTERS.index(letter) == idx)
+
+
+def scienceqa(prediction: str, reference: str, meta: Mapping[str, Any]) -> float:
+    return _letter_score(scienceqa_letter(prediction), reference, meta)
+
+
+def scienceqa_reference(prediction: str, reference: str, meta: Mapping[str, Any]) -> float:
+    return _letter_score(_scienceqa_letter_reference(prediction), reference, meta)
+
+
+# A capital letter standing alone ("B", "(C)", "option D"); "A" followed by a lower-case word is
+# the article ("A red ball"), not an option.
+_LONE_LETTER = re.compile(r"(?<![A-Za-z])([B-E]|A(?! [a-z]))(?![A-Za-z])")
+
+
+def scienceqa_content(prediction: str, reference: str, meta: Mapping[str, Any]) -> bool:
+    """Right once the format is ignored: every option the answer points to (by a letter anywhere,
+    or by the option's text) is the correct one, and it points to at least one."""
+    idx, n = _sqa_truth(reference, meta)
+    strict = scienceqa_letter(prediction)
+    pointed: set[int] = set()
+    if strict is not None:
+        pointed.add(LETTERS.index(strict))
+    else:
+        pointed |= {LETTERS.index(m) for m in _LONE_LETTER.findall(prediction)}
+        options = [str(o) for o in meta.get("options", [])]
+        hits = [i for i, o in enumerate(options) if contains_phrase(prediction, o)]
+        # an option whose text is part of another matched option ("left" in "top left") is not
+        # pointed to on its own
+        hits = [i for i in hits if not any(j != i and contains_phrase(options[j], options[i]) for j in hits)]
+        pointed |= set(hits)
+    return pointed == {idx} and idx < n
+
+
+# --------------------------------------------------------------------------------------------
+# TextVQA: VQA soft accuracy over the annotators' answers
+# --------------------------------------------------------------------------------------------
+def _textvqa_answers(reference: str, meta: Mapping[str, Any]) -> list[str]:
+    answers = meta.get("answers")
+    if answers is None:
+        return [reference]
+    if not isinstance(answers, list) or not answers:
+        raise ValueError(f"textvqa: meta 'answers' must be a non-empty list, got {answers!r:.80}")
+    return [str(a) for a in answers]
+
+
+def vqa_soft_accuracy(prediction: str, answers: list[str]) -> float:
+    """Leave-one-out VQA accuracy: the mean, over each annotator left out in turn, of
+    min(1, matches among the other annotators / 3), after normalisation. With a single answer
+    (no annotators to leave out) it is exact match after normalisation."""
+    pred = normalize_answer(prediction)
+    gts = [normalize_answer(a) for a in answers]
+    if len(gts) == 1:
+        return float(pred == gts[0])
+    matches = sum(g == pred for g in gts)
+    # leaving out annotator k removes one match exactly when k's answer equals the prediction
+    total = sum(min(1.0, (matches - (g == pred)) / 3) for g in gts)
+    return total / len(gts)
+
+
+def textvqa(prediction: str, reference: str, meta: Mapping[str, Any]) -> float:
+    return vqa_soft_accuracy(prediction, _textvqa_answers(reference, meta))
+
+
+def textvqa_content(prediction: str, reference: str, meta: Mapping[str, Any]) -> bool:
+    """The answer contains (whole words) exactly one of the annotators' distinct answers: any
+    annotator answer earns soft credit, so any one of them is content the scorer would accept."""
+    answers = {normalize_answer(a) for a in _textvqa_answers(reference, meta)} - {""}
+    found = [a for a in answers if _contains_answer(prediction, a)]
+    found = [a for a in found if not any(b != a and f" {a} " in f" {b} " for b in found)]
+    return len(found) == 1
+
+
+# --------------------------------------------------------------------------------------------
+# ImageNet: the class name in the answer or the answer in the class name
+# --------------------------------------------------------------------------------------------
+def _words(text: str) -> str:
+    return " ".join(re.sub(r"[^0-9a-z]+", " ", text.lower()).split())
+
+
+def imagenet(prediction: str, reference: str, meta: Mapping[str, Any]) -> float:
+    p, r = _words(prediction), _words(reference)
+    if not p or not r:
+        return 0.0
+    return float(f" {r} " in f" {p} " or f" {p} " in f" {r} ")
+
+
+def imagenet_reference(prediction: str, reference: str, meta: Mapping[str, Any]) -> float:
+    return float(reference in prediction or prediction in reference)
+
+
+def imagenet_content(prediction: str, reference: str, meta: Mapping[str, Any]) -> bool:
+    return imagenet(prediction, reference, meta) > 0 or _contains_answer(prediction, reference)
+
+
+# --------------------------------------------------------------------------------------------
+# GQA, VizWiz, VQAv2, OCR-VQA: exact match after light normalisation
+# --------------------------------------------------------------------------------------------
+def gqa(prediction: str, reference: str, meta: Mapping[str, Any]) -> float:
+    return float(prediction.strip().rstrip(".").strip().lower() == reference.strip().lower())
+
+
+def gqa_reference(prediction: str, reference: str, meta: Mapping[str, Any]) -> float:
+    text = prediction.rstrip(".").lower()
+    text = text[1:] if text[:1] == " " else text
+    return float(text == reference)
+
+
+def exact(prediction: str, reference: str, meta: Mapping[str, Any]) -> float:
+    """VizWiz and VQAv2 as CoIN scores them: exact, case-insensitive (single reference answer)."""
+    return float(prediction.strip().casefold() == reference.strip().casefold())
+
+
+def exact_reference(prediction: str, reference: str, meta: Mapping[str, Any]) -> float:
+    return float(prediction.upper() == reference.upper())
+
+
+def ocrvqa(prediction: str, reference: str, meta: Mapping[str, Any]) -> float:
+    if "unanswerable" in prediction.lower():
+        return 0.0
+    return exact(prediction, reference, meta)
+
+
+def ocrvqa_reference(prediction: str, reference: str, meta: Mapping[str, Any]) -> float:
+    if "Unanswerable" in prediction:
+        return 0.0
+    return float(prediction.lower() == reference.lower())
+
+
+def short_content(prediction: str, reference: str, meta: Mapping[str, Any]) -> bool:
+    """The reference answer appears, as whole words, in the answer ("The sign says stop.")."""
+    return _contains_answer(prediction, reference)
+
+
+# --------------------------------------------------------------------------------------------
+# Grounding: IoU > 0.5 in the square-padded frame
+# --------------------------------------------------------------------------------------------
+_NUMBER = r"-?(?:\d+(?:\.\d*)?|\.\d+)"
+_FOUR = re.compile(r"^\[?\s*" + r"\s*,\s*".join([f"({_NUMBER})"] * 4) + r"\s*\]?$")
+_BRACKETED_FOUR = re.compile(r"\[\s*" + r"\s*,\s*".join([f"({_NUMBER})"] * 4) + r"\s*\]")
+_ANY_NUMBER = re.compile(r"(?<![\w.])" + _NUMBER + r"(?!\w)")  # standalone: not the 1 of "x1"
+
+
+def iou(a: list[float], b: list[float]) -> float:
+    """Intersection over union of two [x1, y1, x2, y2] boxes; 0 for an empty or inverted box."""
+    if a[2] <= a[0] or a[3] <= a[1] or b[2] <= b[0] or b[3] <= b[1]:
+        return 0.0
+    inter = max(0.0, min(a[2], b[2]) - max(a[0], b[0])) * max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def _truth_box(reference: str, meta: Mapping[str, Any]) -> list[float]:
+    """The ground-truth box, normalised in the square-padded frame (LLaVA's expand2square)."""
+    if "box" in meta:
+        return [float(v) for v in meta["box"]]
+    m = _FOUR.match(reference.strip())
+    if not m:
+        raise ValueError(f"grounding: meta has no 'box' and the reference {reference!r} is not a box")
+    return [float(g) for g in m.groups()]
+
+
+def grounding_box(prediction: str) -> list[float] | None:
+    """Four numbers, optionally in brackets, and nothing else: the intended parse."""
+    m = _FOUR.match(prediction.strip())
+    return [float(g) for g in m.groups()] if m else None
+
+
+def grounding(prediction: str, reference: str, meta: Mapping[str, Any]) -> float:
+    box = grounding_box(prediction)
+    return float(box is not None and iou(box, _truth_box(reference, meta)) > IOU_THRESHOLD)
+
+
+def _iou_reference(a: list[float], b: list[float]) -> float:
+    inter = max(0.0, min(a[2], b[2]) - max(a[0], b[0])) * max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def grounding_reference(prediction: str, reference: str, meta: Mapping[str, Any]) -> float:
+    """The reference parse: brackets removed, then the first and last characters cut off."""
+    text = prediction.replace("[", "").replace("]", "")
+    try:
+        box = [float(x) for x in text[1:-1].split(",")]
+    except ValueError:
+        return 0.0
+    if len(box) != 4:
+        return 0.0
+    return float(_iou_reference(box, _truth_box(reference, meta)) > IOU_THRESHOLD)
+
+
+def grounding_content(prediction: str, reference: str, meta: Mapping[str, Any]) -> bool:
+    """A box anywhere in the answer: the first bracketed four numbers, else the first four."""
+    m = _BRACKETED_FOUR.search(prediction)
+    if m:
+        box = [float(g) for g in m.groups()]
+    else:
+        nums = _ANY_NUMBER.findall(prediction)
+        if len(nums) < 4:
+            return False
+        box = [float(v) for v in nums[:4]]
+    return iou(box, _truth_box(reference, meta)) > IOU_THRESHOLD
+
+
+# --------------------------------------------------------------------------------------------
+# Registry and the per-prediction judgement
+# --------------------------------------------------------------------------------------------
+ScoreFn = Callable[[str, str, Mapping[str, Any]], float]
+ContentFn = Callable[[str, str, Mapping[str, Any]], bool]
+
+
+@dataclass(frozen=True)
+class Scorer:
+    """One CoIN evaluator: the intended rule, the reference evaluator's rule, the lenient check."""
+
+    name: str
+    intended: ScoreFn
+    reference: ScoreFn
+    content: ContentFn
+
+
+_SCORERS: dict[str, Scorer] = {
+    s.name: s
+    for s in (
+        Scorer("scienceqa", scienceqa, scienceqa_reference, scienceqa_content),
+        Scorer("textvqa", textvqa, textvqa, textvqa_content),
+        Scorer("imagenet", imagenet, imagenet_reference, imagenet_content),
+        Scorer("gqa", gqa, gqa_reference, short_content),
+        Scorer("vizwiz", exact, exact_reference, short_content),
+        Scorer("grounding", grounding, grounding_reference, grounding_content),
+        Scorer("vqav2", exact, exact_reference, short_content),
+        Scorer("ocrvqa", ocrvqa, ocrvqa_reference, short_content),
+    )
+}
+assert set(_SCORERS) == set(SCORERS), "every registry scorer name needs an implementation"
+
+
+def get_scorer(name: str) -> Scorer:
+    if name not in _SCORERS:
+        raise KeyError(f"unknown scorer {name!r}; known: {sorted(_SCORERS)}")
+    return _SCORERS[name]
+
+
+def score(
+    scorer: str, prediction: str, reference: str, meta: Mapping[str, Any], compat: Compat = "intended"
+) -> float:
+    """Score one answer in [0, 1] under the intended rule or the reference evaluator's."""
+    s = get_scorer(scorer)
+    if compat == "intended":
+        return s.intended(prediction, reference, meta)
+    if compat == "reference":
+        return s.reference(prediction, reference, meta)
+    raise ValueError(f"compat must be one of {COMPAT_MODES}, got {compat!r}")
+
+
+def content_ok(scorer: str, prediction: str, reference: str, meta: Mapping[str, Any]) -> bool:
+    """Right once the format is ignored. Always true when the intended scorer gives any credit,
+    so the content matrix is never below the accuracy matrix and their gap is the format's."""
+    s = get_scorer(scorer)
+    return s.intended(prediction, reference, meta) > 0 or s.content(prediction, reference, meta)
+
+
+@dataclass(frozen=True)
+class Judgement:
+    """Everything evaluation records about one answer."""
+
+    score: float
+    score_reference: float
+    format_ok: bool
+    content_ok: bool
+
+
+def judge(spec: TaskSpec, prediction: str, reference: str, meta: Mapping[str, Any]) -> Judgement:
+    """Score an answer to a task's native question: both rule sets, format, content."""
+    s = get_scorer(spec.scorer)
+    intended = s.intended(prediction, reference, meta)
+    return Judgement(
+        score=intended,
+        score_reference=s.reference(prediction, reference, meta),
+        format_ok=format_ok(spec.native_style, prediction),
+        content_ok=intended > 0 or s.content(prediction, reference, meta),
+    )

@@ -1,0 +1,110 @@
+"""Evaluation of the tiny base model: batched answers equal one-at-a-time answers, every answer is
+judged by its task's scorer, and predictions round-trip through predictions.parquet."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+
+from data_contracts import INSTRUCTIONS, PREDICTIONS
+from sefe_core import counters
+from sefe_core.evaluate import (
+    evaluate_seen,
+    evaluate_stage,
+    method_predictions,
+    predictions_path,
+    run_methods,
+    select_test_records,
+)
+from sefe_core.registry import task_spec
+from sefe_core.scorers import judge
+from sefe_core.vlm import generate_answers, load_vlm
+
+
+@pytest.fixture(scope="module")
+def loaded(small_run):
+    cfg, bench, base = small_run
+    model, processor = load_vlm(base.path)
+    return cfg, bench, model, processor
+
+
+def test_batched_generation_matches_one_at_a_time(loaded) -> None:
+    _, bench, model, processor = loaded
+    # ScienceQA prompts differ in length (2-4 options), so length sorting reorders them
+    recs = [r for r in INSTRUCTIONS.read_records(bench.task_file("01-scienceqa")) if r.split == "test"]
+    recs += [r for r in INSTRUCTIONS.read_records(bench.task_file("06-grounding")) if r.split == "test"]
+    samples = [{"image": r.image, "question": r.question} for r in recs]
+    kw = dict(image_root=bench.image_root, max_new_tokens=8)
+    one = [generate_answers(model, processor, [s], batch_size=1, **kw)[0] for s in samples]
+    assert generate_answers(model, processor, samples, batch_size=5, **kw) == one
+    assert generate_answers(model, processor, samples, batch_size=5, sort_by_length=False, **kw) == one
+    assert generate_answers(model, processor, [], **kw) == []
+    with pytest.raises(ValueError, match="batch_size"):
+        generate_answers(model, processor, samples, batch_size=0, **kw)
+
+
+def test_evaluate_stage_judges_every_test_sample(loaded) -> None:
+    cfg, bench, model, processor = loaded
+    side = processor.tokenizer.padding_side
+    for task in ("01-scienceqa", "02-textvqa", "06-grounding"):
+        spec = task_spec(cfg.benchmark.name, task)
+        records = INSTRUCTIONS.read_records(bench.task_file(task))
+        tests = {r.id: r for r in records if r.split == "test"}
+        preds = evaluate_stage(model, processor, records, spec, "lora", 3, bench.image_root, batch_size=4)
+        assert [p.id for p in preds] == list(tests)  # test split only, in record order
+        assert processor.tokenizer.padding_side == side
+        for p in preds:
+            r = tests[p.id]
+            j = judge(spec, p.prediction, r.answer, r.meta_dict)
+            assert (p.method, p.stage, p.task, p.style, p.reference) == (
+                "lora",
+                3,
+                task,
+                spec.native_style,
+                r.answer,
+            )
+            assert (p.score, p.score_reference, p.format_ok, p.content_ok) == (
+                j.score,
+                j.score_reference,
+                j.format_ok,
+                j.content_ok,
+            )
+            assert 0 <= p.score <= 1 and (p.content_ok or p.score < 1)
+
+
+def test_evaluate_seen_writes_predictions(loaded, tmp_path) -> None:
+    cfg, bench, model, processor = loaded
+    out = predictions_path(tmp_path, "sefe", bench.tasks[1])
+    assert out == tmp_path / "sefe" / f"task-{bench.tasks[1]}" / "predictions.parquet"
+    before = counters.get("generations")
+    preds = evaluate_seen(
+        model,
+        processor,
+        bench,
+        "sefe",
+        2,
+        out,
+        batch_size={"01-scienceqa": 2},
+        max_new_tokens={"02-textvqa": 3},
+    )
+    n_test = cfg.benchmark.minicoin.n_test
+    assert len(preds) == 2 * n_test and {p.task for p in preds} == set(bench.tasks[:2])
+    assert counters.get("generations") - before == 2 * n_test  # the pipeline's "no work on rerun" proof
+    assert PREDICTIONS.read_records(out) == preds
+    df = method_predictions(tmp_path, "sefe")
+    assert len(df) == 2 * n_test and run_methods(tmp_path) == ["sefe"]
+    with pytest.raises(ValueError, match="stage must be in 1..8"):
+        evaluate_seen(model, processor, bench, "sefe", 9)
+
+
+def test_test_records_rejects_foreign_styles(small_run) -> None:
+    cfg, bench, _ = small_run
+    spec = task_spec(cfg.benchmark.name, "03-imagenet")
+    records = INSTRUCTIONS.read_records(bench.task_file("03-imagenet"))
+    assert all(r.split == "test" for r in select_test_records(records, spec))
+    bad = [replace(r, style="yes_no") if r.split == "test" else r for r in records]
+    with pytest.raises(ValueError, match="native style 'short'"):
+        select_test_records(bad, spec)
+    with pytest.raises(ValueError, match="no original test records"):
+        select_test_records([r for r in records if r.split == "train"], spec)

@@ -1,0 +1,156 @@
+"""Run report: every file is written, the markdown table matches metrics.json, and the numbers are
+the ones computed from the predictions files."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from data_contracts import METRIC_TABLE, PredictionRecord
+from flows.cli import app
+from sefe_core.evaluate import predictions_path, write_predictions
+from sefe_core.metrics import cl_metrics, read_matrix_csv
+from sefe_core.report import build_report
+
+TASKS = ["01-scienceqa", "02-textvqa", "03-imagenet"]
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def fake_run(
+    run_dir: Path, method: str, forget: dict[tuple[int, int], int], stages: int = 3, n: int = 4
+) -> None:
+    """Predictions of `method`: every sample right at its own stage; forget[(stage, task)] of them
+    wrong later, the first of which is still right in content (superficial)."""
+    for k in range(1, stages + 1):
+        recs = []
+        for j in range(k):
+            lost = forget.get((k, j), 0)
+            for i in range(n):
+                right = i >= lost
+                recs.append(
+                    PredictionRecord(
+                        method,
+                        k,
+                        TASKS[j],
+                        f"{TASKS[j]}-{i}",
+                        "short",
+                        "p",
+                        "r",
+                        float(right),
+                        right,
+                        right or i == 0,
+                        float(right),
+                    )
+                )
+        write_predictions(recs, predictions_path(run_dir, method, TASKS[k - 1]))
+
+
+def _table(md: str, heading: str) -> dict[str, list[str]]:
+    """The first markdown table after `heading`: method -> cells."""
+    lines = md.split(heading, 1)[1].splitlines()
+    start = next(i for i, ln in enumerate(lines) if ln.startswith("|"))
+    rows = {}
+    for ln in lines[start + 2 :]:
+        if not ln.startswith("|"):
+            break
+        cells = [c.strip() for c in ln.strip("|").split("|")]
+        rows[cells[0]] = cells[1:]
+    return rows
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("run")
+    fake_run(root, "lora", {(2, 0): 2, (3, 0): 3, (3, 1): 2})
+    fake_run(root, "sefe", {(3, 0): 1})
+    fake_run(root, "asd", {}, stages=1)  # a run that has only finished its first task
+    build_report(root)
+    return root
+
+
+def test_report_files(run_dir: Path) -> None:
+    out = run_dir / "report"
+    for name in (
+        "report.md",
+        "metrics.json",
+        "metrics.parquet",
+        "metrics.png",
+        "forgetting.png",
+        "matrices.png",
+    ):
+        assert (out / name).stat().st_size > 0, name
+    for method in ("lora", "sefe", "asd"):
+        rep = run_dir / method / "report"
+        for name in (
+            "report.md",
+            "metrics.json",
+            "accuracy.csv",
+            "format.csv",
+            "content.csv",
+            "reference.csv",
+        ):
+            assert (rep / name).exists(), (method, name)
+        for png in ("matrices.png", "forgetting.png"):
+            assert (rep / png).read_bytes()[:8] == PNG
+    assert not list(run_dir.rglob(".*tmp*")), "no temp files left behind"
+
+
+def test_table_matches_metrics_json(run_dir: Path) -> None:
+    md = (run_dir / "report" / "report.md").read_text()
+    summary = json.loads((run_dir / "report" / "metrics.json").read_text())
+    table = _table(md, "## Methods x metrics")
+    assert list(table) == summary["order"] == ["lora", "asd", "sefe"]
+    for method, cells in table.items():
+        m = summary["methods"][method]
+        expected = [m["metrics"]["accuracy"][k] for k in ("MFT", "MFN", "MAA", "BWT")]
+        expected += [m["forgetting_mean"]["superficial"], m["forgetting_mean"]["essential"]]
+        for cell, value in zip(cells, expected, strict=True):
+            if value is None:
+                assert cell == "n/a", (method, cell)
+            else:
+                assert float(cell) == pytest.approx(100 * value, abs=0.005), (method, cell)
+    rows = METRIC_TABLE.read_records(run_dir / "report" / "metrics.parquet")
+    assert len(rows) == 3 * 4 * 4
+    for r in rows:
+        assert summary["methods"][r.method]["metrics"][r.matrix][r.metric] == r.value
+
+
+def test_numbers_by_hand(run_dir: Path) -> None:
+    lora = json.loads((run_dir / "lora" / "report" / "metrics.json").read_text())
+    # accuracy: diag 1, 1, 1; last row: task 1 lost 3/4, task 2 lost 2/4
+    assert lora["metrics"]["accuracy"] == pytest.approx(
+        {
+            "MFT": 1.0,
+            "MFN": (0.25 + 0.5 + 1) / 3,
+            "MAA": (1 + (0.5 + 1) / 2 + (0.25 + 0.5 + 1) / 3) / 3,
+            "BWT": (-0.75 - 0.5) / 2,
+        }
+    )
+    t1, t2 = lora["forgetting"]["per_task"]
+    assert (t1["task"], t1["lost"], t1["superficial"], t1["essential"]) == ("01-scienceqa", 0.75, 0.25, 0.5)
+    assert t1["essential_format_lost"] == 0.5  # the fake wrong answers also fail the format
+    assert (t2["superficial"], t2["essential"]) == (0.25, 0.25)
+    assert lora["predictions"] == [f"lora/task-{t}/predictions.parquet" for t in TASKS]
+    # the CSV the report wrote gives the same metrics through `sefe metrics`
+    a, tasks = read_matrix_csv(run_dir / "lora" / "report" / "accuracy.csv")
+    assert tasks == TASKS and cl_metrics(a) == pytest.approx(lora["metrics"]["accuracy"])
+    asd = json.loads((run_dir / "asd" / "report" / "metrics.json").read_text())
+    assert asd["stages"] == 1 and asd["metrics"]["accuracy"]["BWT"] is None
+    md = (run_dir / "report" / "report.md").read_text()
+    assert "In progress (fewer stages than the sequence): asd" in md
+    assert re.search(r"\*\*superficial\*\* when the final answer is still right in content", md)
+
+
+def test_sefe_report_cli(run_dir: Path, tmp_path: Path) -> None:
+    copy = shutil.copytree(run_dir, tmp_path / "copy")
+    res = CliRunner().invoke(app, ["report", "--run-dir", str(copy), "-m", "sefe"])
+    assert res.exit_code == 0, res.output
+    assert "sefe" in res.output and "lora" not in res.output
+    assert list(json.loads((copy / "report" / "metrics.json").read_text())["methods"]) == ["sefe"]
+    empty = CliRunner().invoke(app, ["report", "--run-dir", str(tmp_path / "empty")])
+    assert empty.exit_code == 2 and "no method" in empty.output
