@@ -16,50 +16,24 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
-import statistics
-import subprocess
 import sys
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from data_contracts import INSTRUCTIONS, atomic_path  # noqa: E402
+from bench.common import load_average, machine, medians, publish, utc_heading  # noqa: E402
+from data_contracts import INSTRUCTIONS  # noqa: E402
 from sefe_core.config import load_config  # noqa: E402
 from sefe_core.prepare import ensure_base_model, ensure_benchmark  # noqa: E402
 from sefe_core.registry import task_spec  # noqa: E402
 from sefe_core.vlm import generate_answers, load_vlm  # noqa: E402
 
 SECTION = "## Evaluation: batched greedy generation (issue 5)"
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads)"
-
-
-def load() -> str:
-    try:
-        return (
-            subprocess.run(["uptime"], capture_output=True, text=True)
-            .stdout.strip()
-            .split("load average:")[-1]
-            .strip()
-        )
-    except OSError:
-        return "n/a"
 
 
 def run_mode(
@@ -78,18 +52,6 @@ def run_mode(
             sort_by_length=sort,
         )
     return time.perf_counter() - t0, answers
-
-
-def append_section(path: Path, entry: str) -> None:
-    """Put `entry` at the end of this benchmark's own section (created if missing)."""
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    if SECTION not in text:
-        text = text.rstrip("\n") + f"\n\n{SECTION}\n"
-    head, rest = text.split(SECTION, 1)
-    nxt = rest.find("\n## ")
-    body, tail = (rest, "") if nxt < 0 else (rest[:nxt], rest[nxt:])
-    with atomic_path(path) as tmp:
-        tmp.write_text(head + SECTION + body.rstrip("\n") + "\n\n" + entry.rstrip("\n") + "\n" + tail)
 
 
 def main() -> int:
@@ -128,7 +90,7 @@ def main() -> int:
         f"batch {args.batch_size}, input order": (args.batch_size, False),
         f"batch {args.batch_size}, sorted by length (default)": (args.batch_size, True),
     }
-    load_before = load()
+    load_before = load_average()
     run_mode(model, processor, [(s, x[:8]) for s, x in tasks], bench.image_root, 8, True)  # warm-up
     times: dict[str, list[float]] = {m: [] for m in modes}
     outputs: dict[str, list[str]] = {}
@@ -142,12 +104,13 @@ def main() -> int:
             print(
                 f"run {r + 1}/{args.runs} {mode}: {seconds:.2f} s ({n / seconds:.0f} samples/s)", flush=True
             )
-    load_after = load()
-    base = statistics.median(times["batch 1 (reference)"])
+    load_after = load_average()
+    med_s = medians(times)
+    base = med_s["batch 1 (reference)"]
     reference = outputs["batch 1 (reference)"]
     rows = []
     for mode in modes:
-        med = statistics.median(times[mode])
+        med = med_s[mode]
         same = sum(a == b for a, b in zip(outputs[mode], reference, strict=True))
         rows.append(
             f"| {mode} | {med:.2f} | {n / med:.0f} | {base / med:.1f}x | {same}/{n} | "
@@ -162,7 +125,7 @@ def main() -> int:
     )
     entry = "\n".join(
         [
-            f"### {datetime.now(UTC):%Y-%m-%d %H:%M} UTC",
+            utc_heading(),
             "",
             f"Command: `{cmd}`. Machine: {machine()}. Load average (1/5/15 min) before: {load_before}; "
             f"after: {load_after} (shared machine).",
@@ -175,10 +138,7 @@ def main() -> int:
             *rows,
         ]
     )
-    print(entry)
-    if not args.no_write:
-        append_section(ROOT / "BENCHMARKS.md", entry)
-        print(f"appended to {ROOT / 'BENCHMARKS.md'}")
+    publish(entry, SECTION, write=not args.no_write)
     return 0
 
 

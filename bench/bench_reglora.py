@@ -23,20 +23,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 
-import torch
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
-from data_contracts import atomic_path
-from sefe_core.reglora import (
+import torch  # noqa: E402
+
+from bench.common import load_average, machine, publish, utc_heading  # noqa: E402
+from sefe_core.reglora import (  # noqa: E402
     LoraFactors,
     Mask,
     MultisetIndex,
@@ -50,7 +49,6 @@ from sefe_core.reglora import (
 )
 
 SECTION = "## RegLoRA regulariser at LLaVA-7B shapes (issue 3)"
-ROOT = Path(__file__).resolve().parents[1]
 HIDDEN, INTER, LAYERS_7B = 4096, 11008, 32
 MODULES = {  # name -> (out, in) of ΔW
     "self_attn.q_proj": (HIDDEN, HIDDEN),
@@ -64,26 +62,6 @@ MODULES = {  # name -> (out, in) of ΔW
 # LLaVA-1.5-7B: 7.06e9 parameters (Vicuna-7B 6.74e9 + CLIP ViT-L/336 0.30e9 + projector 0.02e9)
 LLAVA_7B_PARAMS = 7.06e9
 PROJECTOR_PARAMS = 1024 * 4096 + 4096 + 4096 * 4096 + 4096
-
-
-def machine() -> str:
-    cpu = platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads)"
-
-
-def load_avg() -> str:
-    try:
-        out = subprocess.run(["uptime"], capture_output=True, text=True).stdout
-        return out.strip().split("load average:")[-1].strip()
-    except OSError:
-        return "n/a"
 
 
 def make_factors(layers: int, r: int, dtype, device) -> list[LoraFactors]:
@@ -156,17 +134,6 @@ def human(n: float) -> str:
     return str(n)
 
 
-def append_section(path: Path, entry: str) -> None:
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    if SECTION not in text:
-        text = text.rstrip("\n") + f"\n\n{SECTION}\n"
-    head, rest = text.split(SECTION, 1)
-    nxt = rest.find("\n## ")
-    body, tail = (rest, "") if nxt < 0 else (rest[:nxt], rest[nxt:])
-    with atomic_path(path) as tmp:
-        tmp.write_text(head + SECTION + body.rstrip("\n") + "\n\n" + entry.rstrip("\n") + "\n" + tail)
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--layers", type=int, default=2)
@@ -180,7 +147,7 @@ def main() -> int:
     args = ap.parse_args()
     dtype = getattr(torch, args.dtype)
     command = "python bench/bench_reglora.py " + " ".join(sys.argv[1:])
-    load_before = load_avg()
+    load_before = load_average()
 
     factors = make_factors(args.layers, args.r, dtype, args.device)
     n_mod = len(factors)
@@ -284,11 +251,11 @@ def main() -> int:
     ]  # fmt: skip
     lines = [
         "",
-        f"### {datetime.now(UTC).strftime('%Y-%m-%d %H:%M UTC')}",
+        utc_heading(),
         "",
         f"Command: `{command}`  ",
         f"Machine: {machine()}, device {args.device}, {args.dtype}; load average before: {load_before}, "
-        f"after: {load_avg()}  ",
+        f"after: {load_average()}  ",
         f"Setting: {args.layers} decoder layers x 7 modules = {n_mod} modules at LLaVA-7B shapes, r={args.r}, "
         f"{args.tasks} earlier masks of {args.percent}% (random positions; {multiset:,} multiset entries, "
         f"{unique:,} distinct), {args.repeats} alternating repeats. Values agree: {v_ours:.6g} vs {v_ref:.6g}.",
@@ -336,10 +303,7 @@ def main() -> int:
         f"default adapter dtype), projector {human(PROJECTOR_PARAMS * 2)}, mask {human(mask_disk_7b)}.",
     ]
     entry = "\n".join(lines)
-    print(entry)
-    if not args.no_write:
-        append_section(ROOT / "BENCHMARKS.md", entry)
-        print(f"appended to {ROOT / 'BENCHMARKS.md'}")
+    publish(entry, SECTION, write=not args.no_write)
     return 0
 
 

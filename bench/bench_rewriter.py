@@ -18,10 +18,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import shlex
-import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -32,7 +29,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from data_contracts import INSTRUCTIONS, atomic_path  # noqa: E402
+from bench.common import load_average, machine, medians, publish  # noqa: E402
+from data_contracts import INSTRUCTIONS  # noqa: E402
 from sefe_core.asd import ASDConfig, run_asd  # noqa: E402
 from sefe_core.config import load_config  # noqa: E402
 from sefe_core.prepare import ensure_benchmark  # noqa: E402
@@ -44,36 +42,6 @@ SECTION = (
     "## ASD rewriter: openai backend, batched per image + concurrent vs per sample + sequential (issue 4)"
 )
 TASK = "07-vqav2"
-
-
-def machine() -> str:
-    cpu = platform.machine()
-    try:
-        cpu = next(
-            ln.split(":", 1)[1].strip()
-            for ln in Path("/proc/cpuinfo").read_text().splitlines()
-            if ln.startswith("model name")
-        )
-    except (OSError, StopIteration):
-        pass
-    return f"{cpu}, {os.cpu_count()} cores"
-
-
-def load() -> str:
-    out = subprocess.run(["uptime"], capture_output=True, text=True).stdout
-    return out.strip().split("load average:")[-1].strip()
-
-
-def append_entry(path: Path, entry: str) -> None:
-    """Put `entry` at the end of this benchmark's own section (created if missing)."""
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    if SECTION not in text:
-        text = text.rstrip("\n") + f"\n\n{SECTION}\n"
-    head, rest = text.split(SECTION, 1)
-    nxt = rest.find("\n## ")
-    body, tail = (rest, "") if nxt < 0 else (rest[:nxt], rest[nxt:])
-    with atomic_path(path) as tmp:
-        tmp.write_text(head + SECTION + body.rstrip("\n") + "\n\n" + entry.rstrip("\n") + "\n" + tail)
 
 
 def shared_image_task(work: Path, images: int, per_image: int) -> tuple[Path, Path]:
@@ -115,7 +83,7 @@ def main() -> int:
         work = Path(tmp)
         task_file, image_root = shared_image_task(work, args.images, args.per_image)
         model = tiny_model(work)
-        load_before = load()
+        load_before = load_average()
         server = Served(model, work / "serve.log")
         try:
             base = dict(
@@ -144,20 +112,21 @@ def main() -> int:
                     print(f"{name:32s} run {rep + 1}: {times[name][-1]:.2f} s, {counts[name][1]} requests")
         finally:
             server.stop()
-        load_after = load()
+        load_after = load_average()
 
     base_name = "per sample + sequential"
+    med_s = medians(times)
     rows = []
     for name in modes:
-        med = statistics.median(times[name])
+        med = med_s[name]
         samples, requests = counts[name]
-        ratio = statistics.median(times[base_name]) / med
+        ratio = med_s[base_name] / med
         rows.append(
             f"| {name} | {samples} | {requests} | {med:.2f} | {samples / med:.1f} | {requests / med:.1f} | {ratio:.2f}x |"
         )
     entry = "\n".join(
         [
-            f"`{command}` ({time.strftime('%Y-%m-%d')}; {machine()}; load average before {load_before}, "
+            f"`{command}` ({time.strftime('%Y-%m-%d')}; {machine(with_torch=False)}; load average before {load_before}, "
             f"after {load_after}; server `transformers serve` on 127.0.0.1 (OMP_NUM_THREADS="
             f"{os.environ.get('OMP_NUM_THREADS', '1')}), untrained tiny LLaVA, "
             f"{args.max_tokens} generated tokens per question, {args.images} images x {args.per_image} "
@@ -168,10 +137,7 @@ def main() -> int:
             *rows,
         ]
     )
-    print(entry)
-    if not args.no_write:
-        append_entry(ROOT / "BENCHMARKS.md", entry)
-        print(f"appended to {ROOT / 'BENCHMARKS.md'}")
+    publish(entry, SECTION, write=not args.no_write)
     return 0
 
 

@@ -40,7 +40,7 @@ from sefe_core.hashing import config_hash, stable_seed
 from sefe_core.minicoin import COLORS, QUADRANTS, SHAPES, format_box
 from sefe_core.progress import RichProgressCallback
 from sefe_core.registry import benchmark_tasks
-from sefe_core.vlm import VLMCollator, load_vlm
+from sefe_core.vlm import SampleDataset, VLMCollator, load_vlm
 
 log = logging.getLogger(__name__)
 
@@ -237,17 +237,6 @@ def pretraining_mix(n: int, seed: int) -> list[PretrainSample]:
     return out
 
 
-class _ListDataset(torch.utils.data.Dataset):
-    def __init__(self, items: list[dict[str, Any]]):
-        self.items = items
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        return self.items[i]
-
-
 @torch.no_grad()
 def heldout_loss(
     model: LlavaForConditionalGeneration, collator: VLMCollator, samples: list[dict], batch: int = 64
@@ -329,7 +318,7 @@ def ensure_tiny_vlm(root: str | Path, cfg: TinyVLMConfig = TinyVLMConfig()) -> B
     trainer = Trainer(
         model=model,
         args=args,
-        train_dataset=_ListDataset(train),
+        train_dataset=SampleDataset(train),
         data_collator=collator,
         callbacks=[RichProgressCallback("pre-training tiny LLaVA")],
     )

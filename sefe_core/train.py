@@ -379,17 +379,6 @@ def attach_lora(model: torch.nn.Module, cfg: TrainConfig) -> torch.nn.Module:
     return peft_model
 
 
-class _Records(torch.utils.data.Dataset):
-    def __init__(self, items: list[dict[str, Any]]):
-        self.items = items
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        return self.items[i]
-
-
 def build_trainer(
     model: torch.nn.Module,
     processor,
@@ -403,7 +392,7 @@ def build_trainer(
     """The Trainer for one task (also used directly by tests to compare gradient accumulation)."""
     from transformers import PrinterCallback, TrainingArguments
 
-    from sefe_core.vlm import VLMCollator
+    from sefe_core.vlm import SampleDataset, VLMCollator
 
     cuda = torch.cuda.is_available()
     args = TrainingArguments(
@@ -437,7 +426,7 @@ def build_trainer(
     trainer = SEFETrainer(
         model=model,
         args=args,
-        train_dataset=_Records(list(samples)),
+        train_dataset=SampleDataset(list(samples)),
         data_collator=VLMCollator(
             processor, Path(image_root) if image_root is not None else None, cfg.max_length
         ),

@@ -69,6 +69,23 @@ def open_image(
     return pad_to_square(image, processor.image_processor.image_mean)
 
 
+class SampleDataset(torch.utils.data.Dataset):
+    """A list of sample dicts as a map-style Dataset, for `Trainer(train_dataset=...)`.
+
+    The samples stay plain dicts ({image, question, answer}); `VLMCollator` turns a batch of them
+    into tensors, so pre-training and per-task training share this one container.
+    """
+
+    def __init__(self, items: list[dict[str, Any]]):
+        self.items = items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return self.items[i]
+
+
 @dataclass
 class VLMCollator:
     """Batches samples {image, question, answer} for causal-LM training.

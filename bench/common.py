@@ -1,0 +1,82 @@
+"""Plumbing shared by the scripts in bench/: machine description, load, medians, BENCHMARKS.md.
+
+Every benchmark records the same context next to its figures (what machine, how loaded it was)
+and files its entry under its own `## ` section of BENCHMARKS.md, so the figures of one benchmark
+stay together however many runs and benchmarks are appended.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import subprocess
+from collections.abc import Iterable, Mapping
+from datetime import UTC, datetime
+from pathlib import Path
+
+from data_contracts import atomic_path
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCHMARKS_MD = ROOT / "BENCHMARKS.md"
+
+
+def machine(with_torch: bool = True) -> str:
+    """CPU model, core count and (optionally) torch version and threads: what the figures depend on."""
+    cpu = platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    text = f"{cpu}, {os.cpu_count()} cores"
+    if with_torch:
+        import torch
+
+        text += f", torch {torch.__version__} ({torch.get_num_threads()} threads)"
+    return text
+
+
+def load_average() -> str:
+    """`uptime`'s 1/5/15-minute load averages: the machine is shared, so timings need this context."""
+    try:
+        out = subprocess.run(["uptime"], capture_output=True, text=True).stdout
+    except OSError:
+        return "n/a"
+    return out.strip().split("load average:")[-1].strip()
+
+
+def medians(times: Mapping[str, Iterable[float]]) -> dict[str, float]:
+    """Median per mode: robust to the odd run slowed down by other processes on a shared machine."""
+    return {mode: statistics.median(ts) for mode, ts in times.items()}
+
+
+def utc_heading() -> str:
+    """The `### YYYY-MM-DD HH:MM UTC` heading that dates one entry."""
+    return f"### {datetime.now(UTC):%Y-%m-%d %H:%M} UTC"
+
+
+def append_section(path: Path, section: str, entry: str) -> None:
+    """Put `entry` at the end of `section` (a `## ` heading, created if missing) of `path`.
+
+    Entries are appended to their own benchmark's section rather than to the end of the file, so
+    that one benchmark's history reads in one place; the file is replaced atomically.
+    """
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    if section not in text:
+        text = text.rstrip("\n") + f"\n\n{section}\n"
+    head, rest = text.split(section, 1)
+    nxt = rest.find("\n## ")
+    body, tail = (rest, "") if nxt < 0 else (rest[:nxt], rest[nxt:])
+    with atomic_path(path) as tmp:
+        tmp.write_text(head + section + body.rstrip("\n") + "\n\n" + entry.rstrip("\n") + "\n" + tail)
+
+
+def publish(entry: str, section: str, write: bool = True, path: Path = BENCHMARKS_MD) -> None:
+    """Print `entry` and, unless `write` is false (`--no-write`), append it to `section` of `path`."""
+    print(entry)
+    if write:
+        append_section(path, section, entry)
+        print(f"appended to {path}")
