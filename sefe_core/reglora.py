@@ -50,6 +50,12 @@ METHODS: dict[str, tuple[Literal["none", "mask", "l1"], Literal["topk", "random"
 }
 
 
+def uses_asd(method: str) -> bool:
+    """`asd` and `sefe` train on the ASD output instead of the benchmark's original records."""
+    check_method(method)
+    return method in ("asd", "sefe")
+
+
 def check_method(method: str) -> tuple[str, str]:
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; known: {sorted(METHODS)}")

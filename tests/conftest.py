@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,11 @@ import pytest
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Prefect: a private home (database, settings) per test session, and no analytics (its
+# "database is locked" noise); flows then run on Prefect's local ephemeral server.
+os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="sefe-prefect-home-")
+os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+os.environ.pop("PREFECT_API_URL", None)
 
 from sefe_core.config import RunConfig, load_config  # noqa: E402
 from sefe_core.prepare import Benchmark, ensure_base_model, ensure_benchmark  # noqa: E402

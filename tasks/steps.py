@@ -1,0 +1,188 @@
+"""The pipeline steps as cached Prefect tasks: thin wrappers over sefe_core.
+
+Each step takes `run_dir`, `k` (task index; 0 for run-level steps), `key` (the config fields it
+reads + its inputs' hashes: the cache key, see tasks/caching.py), then the full run config as
+JSON. It returns paths + sha256 of what it wrote, which become the `key` inputs of its dependants.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from prefect import get_run_logger
+from prefect.artifacts import create_progress_artifact, update_progress_artifact
+from transformers import TrainerCallback
+
+from data_contracts import sha256_file
+from sefe_core import counters
+from sefe_core.config import RunConfig
+from tasks.caching import step
+
+
+def _cfg(cfg_json: dict[str, Any]) -> RunConfig:
+    return RunConfig.model_validate(cfg_json)
+
+
+@step("prepare-benchmark")
+def prepare_benchmark(run_dir: str, k: int, key: dict, cfg_json: dict) -> dict[str, Any]:
+    from sefe_core.prepare import ensure_benchmark
+
+    bench = ensure_benchmark(_cfg(cfg_json))
+    get_run_logger().info("benchmark %s: %d tasks at %s", bench.name, len(bench.tasks), bench.dir)
+    return {"dir": str(bench.dir), "tasks": list(bench.tasks), "sha256": bench.sha256}
+
+
+@step("prepare-base-model")
+def prepare_base_model(run_dir: str, k: int, key: dict, cfg_json: dict) -> dict[str, Any]:
+    from sefe_core.prepare import ensure_base_model
+
+    base = ensure_base_model(_cfg(cfg_json))
+    get_run_logger().info("base model at %s (held-out loss %.3f)", base.path, base.heldout_loss_after)
+    return {"path": str(base.path), "key": base.key}
+
+
+@step("asd", retries=2, retry_delay_seconds=10)  # a served rewriter can be briefly down
+def asd(
+    run_dir: str, k: int, key: dict, cfg_json: dict, task: str, source: str, image_root: str
+) -> dict[str, Any]:
+    from sefe_core.asd import run_asd
+
+    cfg = _cfg(cfg_json)
+    artifact = create_progress_artifact(0.0, key=f"asd-{_slug(task)}", description=f"ASD of {task}")
+
+    def progress(done: int, total: int) -> None:
+        update_progress_artifact(artifact, 100.0 * done / max(total, 1))
+
+    res = run_asd(
+        source, image_root, Path(run_dir) / "data", cfg.asd, benchmark=cfg.benchmark.name, progress=progress
+    )
+    get_run_logger().info(
+        "ASD %s: selected %d = converted %d + rejected %d", task, res.selected, res.converted, res.rejected
+    )
+    return {
+        "path": str(res.data_path),
+        "sha256": sha256_file(res.data_path),
+        "rejects": str(res.rejects_path),
+        "selected": res.selected,
+        "converted": res.converted,
+        "rejected": res.rejected,
+    }
+
+
+@step("train")
+def train(
+    run_dir: str,
+    k: int,
+    key: dict,
+    cfg_json: dict,
+    method: str,
+    task: str,
+    data: str,
+    image_root: str,
+    base_path: str,
+    prior_task_dirs: list[str],
+) -> dict[str, Any]:
+    from sefe_core.train import train_task
+
+    cfg = _cfg(cfg_json)
+    task_dir = Path(run_dir) / method / f"task-{task}"
+    artifact = create_progress_artifact(
+        0.0, key=f"train-{_slug(method)}-{k}", description=f"{method}: training {task}"
+    )
+    res = train_task(
+        base_path,
+        prior_task_dirs,
+        data,
+        image_root,
+        task_dir,
+        cfg.train,
+        method,
+        trust_remote_code=cfg.model.trust_remote_code,
+        callbacks=[_ProgressArtifact(artifact), counters.StepCounter()],
+    )
+    get_run_logger().info(
+        "%s task %d (%s): %d steps run, final loss %.4f", method, k, task, res.steps_run, res.final_loss
+    )
+    return {
+        "task_dir": str(task_dir),
+        "adapter_sha256": sha256_file(res.adapter_dir / "adapter_model.safetensors"),
+        "global_step": res.global_step,
+    }
+
+
+@step("mask")
+def mask(run_dir: str, k: int, key: dict, cfg_json: dict, method: str, task_dir: str) -> dict[str, Any]:
+    from sefe_core.train import extract_task_mask
+
+    path = extract_task_mask(task_dir, _cfg(cfg_json).train, method, overwrite=True)
+    return {"path": str(path), "sha256": sha256_file(path)}
+
+
+@step("evaluate")
+def evaluate(
+    run_dir: str,
+    k: int,
+    key: dict,
+    cfg_json: dict,
+    method: str,
+    base_path: str,
+    task_dirs: list[str],
+    bench_dir: str,
+) -> dict[str, Any]:
+    from sefe_core.evaluate import evaluate_seen, predictions_path
+    from sefe_core.prepare import load_benchmark
+    from sefe_core.train import stage_model
+
+    cfg = _cfg(cfg_json)
+    bench = load_benchmark(bench_dir)
+    model, processor = stage_model(base_path, task_dirs, trust_remote_code=cfg.model.trust_remote_code)
+    out = predictions_path(run_dir, method, bench.tasks[k - 1])
+    before = counters.get("generations")
+    preds = evaluate_seen(model, processor, bench, method, k, out_path=out, batch_size=cfg.eval.batch_size)
+    acc = sum(p.score for p in preds) / max(len(preds), 1)
+    get_run_logger().info(
+        "%s stage %d: %d predictions on tasks 1..%d, mean score %.3f", method, k, len(preds), k, acc
+    )
+    return {"path": str(out), "sha256": sha256_file(out), "generations": counters.get("generations") - before}
+
+
+@step("method-report")
+def method_report(run_dir: str, k: int, key: dict, method: str, tasks: list[str]) -> dict[str, Any]:
+    from sefe_core.report import analyse_method, write_method_report
+
+    out = write_method_report(analyse_method(run_dir, method, tasks))
+    return {"dir": str(out), "sha256": sha256_file(out / "metrics.json")}
+
+
+@step("comparison-report")
+def comparison_report(
+    run_dir: str, k: int, key: dict, methods: list[str], tasks: list[str]
+) -> dict[str, Any]:
+    from sefe_core.report import build_report
+
+    out = build_report(run_dir, methods, tasks)
+    return {
+        "dir": str(out),
+        "metrics": str(out / "metrics.json"),
+        "sha256": sha256_file(out / "metrics.json"),
+    }
+
+
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in text.lower())
+
+
+class _ProgressArtifact(TrainerCallback):
+    """Mirrors training progress into a Prefect progress artifact, every 5% (not every step:
+    each update is an API call)."""
+
+    def __init__(self, artifact_id: Any):
+        self.artifact_id = artifact_id
+        self.shown = 0.0
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        pct = 100.0 * state.global_step / max(state.max_steps, 1)
+        if pct - self.shown >= 5 or state.global_step == state.max_steps:
+            update_progress_artifact(self.artifact_id, pct)
+            self.shown = pct

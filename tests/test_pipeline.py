@@ -1,0 +1,68 @@
+"""The Prefect DAG, run for real (local ephemeral server): the whole sequence, then a rerun that
+must do no work, a config change that must redo exactly evaluation, and the run-directory lock."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from sefe_core.runlock import RunDirectoryBusy, run_lock
+from tests.conftest import small_config
+
+N_TEST = 6
+TINY = ["train.max_steps=2", "methods=[lora,sefe]", f"benchmark.minicoin.n_test={N_TEST}"]
+GENERATIONS = 2 * 36 * N_TEST  # 2 methods x (1 + 2 + ... + 8) task-evaluations x N_TEST samples
+
+
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory):
+    from flows.pipeline import sefe_pipeline
+
+    cfg = small_config(tmp_path_factory.mktemp("pipeline"), *TINY)
+    return cfg, sefe_pipeline(cfg)
+
+
+def test_pipeline_runs_every_step(first_run) -> None:
+    cfg, out = first_run
+    assert out["work"] == {"train_steps": 2 * 8 * 2, "generations": GENERATIONS}
+    run = cfg.run_dir
+    for method in ("lora", "sefe"):
+        for d in sorted((run / method).glob("task-*")):
+            assert (d / "adapter" / "adapter_model.safetensors").exists() and (
+                d / "mask.safetensors"
+            ).exists()
+            assert (d / "predictions.parquet").exists()
+        assert len(list((run / method).glob("task-*"))) == 8
+        assert (run / method / "report" / "report.md").exists()
+    metrics = json.loads(Path(out["metrics"]).read_text())
+    assert set(metrics["methods"]) == {"lora", "sefe"}
+    assert len(list((run / "data").glob("*.rejects.parquet"))) == 8  # ASD ran once, for sefe
+
+
+def test_rerun_does_no_work(first_run) -> None:
+    from flows.pipeline import sefe_pipeline
+
+    cfg, out = first_run
+    again = sefe_pipeline(cfg)
+    assert again["work"] == {"train_steps": 0, "generations": 0}
+    assert again["sha256"] == out["sha256"]
+
+
+def test_changing_an_eval_field_reruns_only_evaluation(first_run) -> None:
+    from flows.pipeline import sefe_pipeline
+
+    cfg, out = first_run
+    changed = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"batch_size": 5})})
+    res = sefe_pipeline(changed)
+    assert res["work"] == {"train_steps": 0, "generations": GENERATIONS}
+    assert res["sha256"] == out["sha256"]  # same answers at another batch size: same metrics
+
+
+def test_second_run_on_the_same_directory_fails_fast(first_run) -> None:
+    from flows.pipeline import sefe_pipeline
+
+    cfg, _ = first_run
+    with run_lock(cfg.run_dir), pytest.raises(RunDirectoryBusy, match="in use by another run"):
+        sefe_pipeline(cfg)
