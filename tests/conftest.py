@@ -15,6 +15,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # "database is locked" noise); flows then run on Prefect's local ephemeral server.
 os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="sefe-prefect-home-")
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+# The local server takes 20-30 s to start on a 2-core machine (Prefect's default timeout is 20 s).
+os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = "180"
 os.environ.pop("PREFECT_API_URL", None)
 
 from sefe_core.config import RunConfig, load_config  # noqa: E402
