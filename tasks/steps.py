@@ -115,7 +115,9 @@ def train(
 def mask(run_dir: str, k: int, key: dict, cfg_json: dict, method: str, task_dir: str) -> dict[str, Any]:
     from sefe_core.train import extract_task_mask
 
-    path = extract_task_mask(task_dir, _cfg(cfg_json).train, method, overwrite=True)
+    # train_task already wrote this task's mask; its key covers every field this step's key does
+    # (mask_percent, seed, the adapter), so a fresh train always precedes a miss here: reuse it.
+    path = extract_task_mask(task_dir, _cfg(cfg_json).train, method)
     return {"path": str(path), "sha256": sha256_file(path)}
 
 
