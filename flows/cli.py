@@ -6,11 +6,18 @@ import os
 import time
 from pathlib import Path
 
-import typer
-from rich.console import Console
+# Before anything imports Prefect: its local server's first start (creating its database) takes
+# 20-30 s on 2 cores, over Prefect's 20 s default, and its telemetry writes race that database
+# ("database is locked" tracebacks on a first run). A user's own settings win.
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import typer  # noqa: E402
+from rich.console import Console  # noqa: E402
 from rich.table import Table
 
-from sefe_core.config import load_config
+from sefe_core.config import load_config  # noqa: E402
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, help="SEFE: continual instruction tuning without forgetting."
@@ -110,17 +117,62 @@ def prepare(config: Path | None = ConfigOpt, set_: list[str] = SetOpt) -> None:
     console.print(t)
     base = ensure_base_model(cfg)
     if cfg.model.kind == "tiny":
-        how = "reused from cache" if base.reused else f"pre-trained in {base.pretrain_seconds:.0f} s"
-        console.print(
-            f"Base model {how} -> {base.path}; held-out pre-training loss "
-            f"{base.heldout_loss_before:.3f} -> [bold]{base.heldout_loss_after:.3f}[/]"
+        how = {"shipped": "the copy shipped in the repository", "built": "built here"}.get(
+            base.origin, base.origin
         )
+        when = "reused from cache" if base.reused else f"pre-trained in {base.pretrain_seconds:.0f} s"
+        console.print(f"Base model: {how}, {when} -> {base.path}")
+        _base_summary(base.path)
     with console.status("Zero-shot answers of the base model..."):
         rows = zero_shot_preview(cfg, bench, base)
-    t = Table("task", "question (first line)", "reference", "base model answer", title="Zero-shot")
+    t = Table(
+        "task",
+        "question (first line)",
+        "reference",
+        "base model answer",
+        "format",
+        "score",
+        title="Zero-shot",
+    )
     for r in rows:
-        t.add_row(r.task, r.question.split("\n")[0][:48], r.reference, r.prediction or "<empty>")
+        t.add_row(
+            r.task, r.question.split("\n")[0][:44], r.reference, r.prediction or "<empty>",
+            "ok" if r.format_ok else "-", f"{r.score:.2f}",
+        )  # fmt: skip
     console.print(t)
+
+
+BaseOutOpt = typer.Option(Path("sefe_core/assets/tiny-llava"), "--out", help="Where to write the model.")
+
+
+@app.command("build-base")
+def build_base(out: Path = BaseOutOpt, config: Path | None = ConfigOpt, set_: list[str] = SetOpt) -> None:
+    """Build and pre-train the tiny base model (vision stage, then instructions) from the config's
+    `model.tiny` section into OUT. The default OUT is the copy shipped in the repository, which
+    `sefe run` uses when its config is the shipped one: this is the command that rebuilds it."""
+    from sefe_core.tiny_vlm import build_tiny_vlm
+
+    cfg = _config(config, set_)
+    t0 = time.perf_counter()
+    path = build_tiny_vlm(out, cfg.model.tiny)
+    _base_summary(path)
+    console.print(f"Built in {time.perf_counter() - t0:.0f} s -> [bold]{path}[/]")
+
+
+def _base_summary(path: Path) -> None:
+    """The build record of a tiny base: held-out loss, and the probe against chance."""
+    import json
+
+    info = json.loads((Path(path) / "pretrain.json").read_text())
+    console.print(
+        f"Held-out pre-training loss {info['heldout_loss_before']:.3f} -> [bold]{info['heldout_loss_after']:.3f}[/]"
+        f"; {info['parameters']:,} parameters"
+    )
+    if info.get("probe"):
+        t = Table("probe (generic questions)", "accuracy", "chance", title="What the base model sees")
+        for kind, v in info["probe"].items():
+            t.add_row(kind, f"{100 * v['accuracy']:.0f}%", f"{100 * v['chance']:.0f}%")
+        console.print(t)
 
 
 def _metrics_table(metrics_json: Path) -> None:

@@ -2,9 +2,9 @@
 
     prepare benchmark + base model
     ASD once per task (for the methods fed ASD data)
-    for each method:  for k = 1..T:  train task k -> extract its mask -> evaluate stage k on tasks 1..k
-                      method report
-    comparison report
+    for k = 1..T:  for each method (side by side, in worker processes):
+                       train task k -> extract its mask -> evaluate stage k on tasks 1..k
+    a report per method, the comparison report
 
 Every step is a cached Prefect task keyed by the task index (tasks/steps.py), so a rerun of a
 finished run does no training and no evaluation, and a crashed run resumes at the step that
@@ -26,8 +26,9 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.task_runners import ThreadPoolTaskRunner
 
-from sefe_core import counters
+from sefe_core import counters, workers
 from sefe_core.config import RunConfig
 from sefe_core.reglora import check_method, uses_asd
 from sefe_core.runlock import run_lock
@@ -75,105 +76,112 @@ def asd_dag(cfg: RunConfig, bench: dict[str, Any], run: Runner = run_step) -> di
     return out
 
 
-def continual_dag(
-    cfg: RunConfig,
-    method: str,
-    bench: dict[str, Any],
-    base: dict[str, Any],
-    data: dict[str, dict[str, Any]] | None = None,
-    run: Runner = run_step,
-) -> dict[str, Any]:
-    """One method over the task sequence. `data` (task -> {path, sha256}) overrides the
-    benchmark's training files (the ASD output for `asd` and `sefe`)."""
-    c, run_dir = cfg.model_dump(mode="json"), cfg.run_dir
-    uses_masks = check_method(method)[0] == "mask"
-    done: list[dict[str, Any]] = []  # per finished task: train + mask results
-    evals = []
-    for k, task in enumerate(bench["tasks"], start=1):
-        src = (data or {}).get(task) or {
-            "path": str(Path(bench["dir"]) / f"{task}.parquet"),
-            "sha256": bench["sha256"][task],
+class MethodRun:
+    """One method's walk over the task sequence: its finished tasks (train + mask results) and its
+    stage evaluations. `continual_dag` moves several of them forward side by side."""
+
+    def __init__(self, cfg: RunConfig, method: str, bench: dict[str, Any], base: dict[str, Any],
+                 data: dict[str, dict[str, Any]] | None) -> None:  # fmt: skip
+        self.cfg, self.method, self.bench, self.base, self.data = cfg, method, bench, base, data
+        self.uses_masks = check_method(method)[0] == "mask"
+        self.done: list[dict[str, Any]] = []  # per finished task: train + mask results
+        self.evals: list[Any] = []
+
+    def train(self, k: int, task: str, run: Runner) -> Any:
+        """Submit the training of task k (on the stage after tasks < k)."""
+        b, run_dir = self.bench, self.cfg.run_dir
+        src = (self.data or {}).get(task) or {
+            "path": str(Path(b["dir"]) / f"{task}.parquet"),
+            "sha256": b["sha256"][task],
         }
         # what training task k reads of tasks < k: their adapters, and their masks if penalised
-        priors = [[d["train"]["adapter_sha256"], d["mask"]["sha256"] if uses_masks else None] for d in done]
-        tr = run(
-            steps.train,
-            run_dir,
-            k,
-            {
-                "method": method,
-                "train": cfg.train.key_fields(method),
-                "data": src["sha256"],
-                "base": base["key"],
-                "priors": priors,
-            },
-            label=f"{method} {task}",
-            cfg_json=c,
-            method=method,
-            task=task,
-            data=src["path"],
-            image_root=str(Path(bench["dir"]) / "images"),
-            base_path=base["path"],
-            prior_task_dirs=[d["train"]["task_dir"] for d in done],
-        )
+        priors = [
+            [d["train"]["adapter_sha256"], d["mask"]["sha256"] if self.uses_masks else None]
+            for d in self.done
+        ]
+        key = {
+            "method": self.method,
+            "train": self.cfg.train.key_fields(self.method),
+            "data": src["sha256"],
+            "base": self.base["key"],
+            "priors": priors,
+        }
+        return run(
+            steps.train, run_dir, k, key, label=f"{self.method} {task}", cfg_json=self.cfg.model_dump(mode="json"),
+            method=self.method, task=task, data=src["path"], image_root=str(Path(b["dir"]) / "images"),
+            base_path=self.base["path"], prior_task_dirs=[d["train"]["task_dir"] for d in self.done],
+            background=True,
+        )  # fmt: skip
+
+    def finish(self, k: int, task: str, tr: dict[str, Any], run: Runner) -> None:
+        """Task k is trained: extract its mask, submit the evaluation of stage k on tasks 1..k."""
+        c, run_dir = self.cfg.model_dump(mode="json"), self.cfg.run_dir
         mk = run(
-            steps.mask,
-            run_dir,
-            k,
-            {
-                "method": method,
-                "mask_percent": cfg.train.mask_percent,
-                "seed": cfg.train.seed,
-                "adapter": tr["adapter_sha256"],
-            },
-            label=f"{method} {task}",
-            cfg_json=c,
-            method=method,
-            task_dir=tr["task_dir"],
-        )
-        done.append({"train": tr, "mask": mk})
-        if evals:  # at most one evaluation in flight: a failure surfaces within one task
-            evals[-1] = resolve(evals[-1])
-        evals.append(
+            steps.mask, run_dir, k,
+            {"method": self.method, "mask_percent": self.cfg.train.mask_percent, "seed": self.cfg.train.seed,
+             "adapter": tr["adapter_sha256"]},
+            label=f"{self.method} {task}", cfg_json=c, method=self.method, task_dir=tr["task_dir"],
+        )  # fmt: skip
+        self.done.append({"train": tr, "mask": mk})
+        if self.evals:  # at most one evaluation in flight per method: a failure surfaces within one task
+            self.evals[-1] = resolve(self.evals[-1])
+        key = {
+            "method": self.method,
+            "eval": c["eval"],
+            "base": self.base["key"],
+            "adapters": [d["train"]["adapter_sha256"] for d in self.done],
+            "tests": [self.bench["sha256"][t] for t in self.bench["tasks"][:k]],
+        }
+        self.evals.append(
             run(
                 steps.evaluate,
                 run_dir,
                 k,
-                {
-                    "method": method,
-                    "eval": c["eval"],
-                    "base": base["key"],
-                    "adapters": [d["train"]["adapter_sha256"] for d in done],
-                    "tests": [bench["sha256"][t] for t in bench["tasks"][:k]],
-                },
-                label=f"{method} {task}",
+                key,
+                label=f"{self.method} {task}",
                 cfg_json=c,
-                method=method,
-                base_path=base["path"],
-                task_dirs=[d["train"]["task_dir"] for d in done],
-                bench_dir=bench["dir"],
-                background=True,  # stage k's evaluation runs while task k+1 trains
-            )
+                method=self.method,
+                base_path=self.base["path"],
+                task_dirs=[d["train"]["task_dir"] for d in self.done],
+                bench_dir=self.bench["dir"],
+                background=True,  # runs while task k+1 trains
+            )  # fmt: skip
         )
-    predictions = [resolve(e)["sha256"] for e in evals]
-    report = run(
-        steps.method_report,
-        run_dir,
-        0,
-        {"method": method, "predictions": predictions},
-        label=method,
-        method=method,
-        tasks=bench["tasks"],
-        background=True,  # plots while the next method trains; resolved by the pipeline
-    )
-    return {"method": method, "report": report, "predictions": predictions}
+
+    def report(self, run: Runner) -> dict[str, Any]:
+        predictions = [resolve(e)["sha256"] for e in self.evals]
+        report = run(
+            steps.method_report, self.cfg.run_dir, 0, {"method": self.method, "predictions": predictions},
+            label=self.method, method=self.method, tasks=self.bench["tasks"], background=True,
+        )  # fmt: skip
+        return {"method": self.method, "report": report, "predictions": predictions}
+
+
+def continual_dag(
+    cfg: RunConfig,
+    methods: list[str],
+    bench: dict[str, Any],
+    base: dict[str, Any],
+    data: dict[str, dict[str, Any]] | None = None,
+    run: Runner = run_step,
+) -> list[dict[str, Any]]:
+    """The methods over the task sequence, side by side: at each task k every method's training
+    of task k is submitted at once (the worker pool runs as many as it has workers), then each
+    method extracts its mask and submits the evaluation of its stage k. `data` (task -> {path,
+    sha256}: the ASD output) feeds the methods that train on ASD data."""
+    runs = [MethodRun(cfg, m, bench, base, data if uses_asd(m) else None) for m in methods]
+    for k, task in enumerate(bench["tasks"], start=1):
+        trained = [r.train(k, task, run) for r in runs]
+        for r, tr in zip(runs, trained, strict=True):
+            r.finish(k, task, resolve(tr), run)
+    return [r.report(run) for r in runs]
 
 
 def pipeline_dag(cfg: RunConfig, run: Runner = run_step) -> dict[str, Any]:
     """ASD once, every chosen method over the sequence, the comparison report."""
     bench, base = prepare_dag(cfg, run)
     data = asd_dag(cfg, bench, run) if any(uses_asd(m) for m in cfg.methods) else {}
-    results = [continual_dag(cfg, m, bench, base, data if uses_asd(m) else None, run) for m in cfg.methods]
+    results = continual_dag(cfg, cfg.methods, bench, base, data, run)
     for r in results:
         r["report"] = resolve(r["report"])
     return run(
@@ -200,10 +208,16 @@ def finished_pipeline(cfg: RunConfig) -> dict[str, Any] | None:
 # --------------------------------------------------------------------------------------------
 # The flows (deployable entry points; each takes the run lock of its run directory)
 # --------------------------------------------------------------------------------------------
-@flow(name="sefe-pipeline", log_prints=True)
+# Steps wait in threads on the worker pool (sefe_core.workers): room for every method's training
+# plus its evaluation at once.
+RUNNER = ThreadPoolTaskRunner(max_workers=32)
+
+
+@flow(name="sefe-pipeline", log_prints=True, task_runner=RUNNER)
 def sefe_pipeline(config: RunConfig = RunConfig()) -> dict[str, Any]:  # noqa: B008 (the UI form shows the default)
     """ASD once, then every chosen method over the sequence, then the comparison report."""
     before = counters.snapshot()
+    workers.start(config.worker_count)  # their imports overlap preparing and ASD
     with run_lock(config.run_dir):
         comparison = pipeline_dag(config)
     _publish(comparison)
@@ -220,14 +234,15 @@ def asd_flow(config: RunConfig = RunConfig()) -> dict[str, dict[str, Any]]:  # n
         return asd_dag(config, bench)
 
 
-@flow(name="sefe-continual", log_prints=True)
+@flow(name="sefe-continual", log_prints=True, task_runner=RUNNER)
 def continual_flow(config: RunConfig = RunConfig(), method: str = "sefe") -> dict[str, Any]:  # noqa: B008
     """One method over the task sequence (ASD first if the method trains on ASD data)."""
     check_method(method)
+    workers.start(config.worker_count)
     with run_lock(config.run_dir):
         bench, base = prepare_dag(config)
         data = asd_dag(config, bench) if uses_asd(method) else None
-        out = continual_dag(config, method, bench, base, data)
+        out = continual_dag(config, [method], bench, base, data)[0]
         return {**out, "report": resolve(out["report"])}
 
 

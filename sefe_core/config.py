@@ -12,8 +12,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from sefe_core.asd import ASDConfig
 from sefe_core.coin import CoINConfig
 from sefe_core.minicoin import MiniCoINConfig
-from sefe_core.tiny_vlm import TinyVLMConfig
-from sefe_core.train import RunTrainConfig, run_default
+from sefe_core.tiny_config import TinyVLMConfig
+from sefe_core.train_config import RunTrainConfig, run_default
 
 
 class BenchmarkConfig(BaseModel):
@@ -68,16 +68,26 @@ class RunConfig(BaseModel):
     asd: ASDConfig = Field(default_factory=ASDConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     methods: list[str] = Field(default_factory=lambda: list(DEFAULT_METHODS))
+    # worker processes that train and evaluate (sefe_core.workers): None = 2 on a CPU machine
+    # with 2+ cores (two methods at once), 0 on a GPU host or with 1 core (in-process). Results do
+    # not depend on it: each job seeds itself and runs on one thread.
+    workers: int | None = Field(None, ge=0, le=64)
 
     @field_validator("methods")
     @classmethod
     def _known_methods(cls, v: list[str]) -> list[str]:
-        from sefe_core.reglora import METHODS
+        from sefe_core.methods import METHODS
 
         unknown = [m for m in v if m not in METHODS]
         if unknown or not v or len(set(v)) != len(v):
             raise ValueError(f"methods must be distinct names from {sorted(METHODS)}, got {v}")
         return v
+
+    @property
+    def worker_count(self) -> int:
+        from sefe_core.workers import default_workers
+
+        return default_workers() if self.workers is None else self.workers
 
     @property
     def run_dir(self) -> Path:

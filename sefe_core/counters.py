@@ -9,8 +9,6 @@ from __future__ import annotations
 import threading
 from collections import Counter
 
-from transformers import TrainerCallback
-
 _COUNTS: Counter[str] = Counter()
 _LOCK = threading.Lock()  # evaluation of stage k runs in a thread while task k+1 trains
 
@@ -26,10 +24,3 @@ def get(name: str) -> int:
 
 def snapshot() -> dict[str, int]:
     return dict(_COUNTS)
-
-
-class StepCounter(TrainerCallback):
-    """Counts optimizer steps actually run (a resumed run counts only the steps it did)."""
-
-    def on_step_end(self, args, state, control, **kwargs) -> None:  # noqa: ANN001
-        add("train_steps")

@@ -11,16 +11,18 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pandas as pd
-from transformers import LlavaForConditionalGeneration, ProcessorMixin
 
 from data_contracts import INSTRUCTIONS, PREDICTIONS, InstructionRecord, PredictionRecord
 from sefe_core.failpoints import failpoint
 from sefe_core.prepare import Benchmark
 from sefe_core.registry import TaskSpec, task_spec
 from sefe_core.scorers import judge
-from sefe_core.vlm import generate_answers
+
+if TYPE_CHECKING:
+    from transformers import LlavaForConditionalGeneration, ProcessorMixin
 
 PREDICTIONS_FILE = "predictions.parquet"
 DEFAULT_BATCH_SIZE = 64
@@ -70,6 +72,8 @@ def evaluate_stage(
     """
     if stage < 0:
         raise ValueError(f"stage must be >= 0 (0 = the base model), got {stage}")
+    from sefe_core.vlm import generate_answers
+
     recs = select_test_records(records, spec)
     answers = generate_answers(
         model,
@@ -133,6 +137,31 @@ def evaluate_seen(
     if out_path is not None:
         write_predictions(preds, out_path)
     return preds
+
+
+def evaluate_stage_dir(
+    base_path: str | Path,
+    task_dirs: Sequence[str | Path],
+    bench_dir: str | Path,
+    method: str,
+    out_path: str | Path,
+    *,
+    batch_size: int | Mapping[str, int] = DEFAULT_BATCH_SIZE,
+    trust_remote_code: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict[str, float | int]:
+    """Stage k = len(task_dirs): rebuild it (base + adapters 1..k), answer tasks 1..k, write the
+    predictions file. Paths in, numbers out, so it can run in a worker process."""
+    from sefe_core.prepare import load_benchmark
+    from sefe_core.train import stage_model
+
+    bench = load_benchmark(bench_dir)
+    model, processor = stage_model(base_path, task_dirs, trust_remote_code=trust_remote_code)
+    preds = evaluate_seen(
+        model, processor, bench, method, len(task_dirs), out_path=out_path, batch_size=batch_size,
+        progress=progress,
+    )  # fmt: skip
+    return {"predictions": len(preds), "mean_score": sum(p.score for p in preds) / max(len(preds), 1)}
 
 
 def write_predictions(predictions: Sequence[PredictionRecord], path: str | Path) -> Path:

@@ -78,9 +78,11 @@ class Obj:
         }
 
 
-def _draw(draw: ImageDraw.ImageDraw, o: Obj) -> None:
+def draw_object(draw: ImageDraw.ImageDraw, o: Obj, fill: int | tuple[int, int, int] | None = None) -> None:
+    """Draw `o` in its colour, or in `fill` (the tiny model's vision pre-training draws label maps
+    with the same strokes)."""
     x1, y1, x2, y2 = o.box
-    c = COLORS[o.color]
+    c = COLORS[o.color] if fill is None else fill
     t = max(2, (x2 - x1) // 4)  # stroke width
     if o.shape == "ball":
         draw.ellipse([x1, y1, x2 - 1, y2 - 1], fill=c)
@@ -141,7 +143,7 @@ def render(objs: list[Obj], size: int, background: tuple[int, int, int] = BACKGR
     img = Image.new("RGB", (size, size), background)
     draw = ImageDraw.Draw(img)
     for o in objs:
-        _draw(draw, o)
+        draw_object(draw, o)
     return img
 
 
@@ -191,6 +193,18 @@ def _scienceqa(rng: np.random.Generator) -> Sample:
     return render(objs, size), q, LETTERS[answer_index], meta
 
 
+def draw_sign(
+    draw: ImageDraw.ImageDraw, box: tuple[int, int, int, int], fill: int | tuple[int, int, int], word: str
+) -> None:
+    """A sign: a filled rectangle with a word-specific glyph, dark stripes whose count and spacing
+    encode the word's index (the "text" an OCR model reads)."""
+    draw.rectangle([box[0], box[1], box[2] - 1, box[3] - 1], fill=fill)
+    k = SIGN_WORDS.index(word)
+    for j in range(1 + k % 3):
+        y = box[1] + 2 + j * 3 + (k // 3)
+        draw.line([box[0] + 2, y, box[2] - 3, y], fill=BACKGROUND, width=1)
+
+
 def _textvqa(rng: np.random.Generator) -> Sample:
     size = _size(rng)
     names = list(COLORS)
@@ -203,12 +217,7 @@ def _textvqa(rng: np.random.Generator) -> Sample:
     for side, (color, word) in enumerate(((c1, w1), (c2, w2))):
         x1 = side * half + 2
         box = (x1, size // 4, x1 + half - 4, 3 * size // 4)
-        draw.rectangle([box[0], box[1], box[2] - 1, box[3] - 1], fill=COLORS[color])
-        # A word-specific glyph: dark stripes whose count and spacing encode the word index.
-        k = SIGN_WORDS.index(word)
-        for j in range(1 + k % 3):
-            y = box[1] + 2 + j * 3 + (k // 3)
-            draw.line([box[0] + 2, y, box[2] - 3, y], fill=BACKGROUND, width=1)
+        draw_sign(draw, box, COLORS[color], word)
         signs.append(
             {
                 "color": color,
@@ -332,7 +341,7 @@ def _ocrvqa(rng: np.random.Generator) -> Sample:
         "center",
         (size // 2 - side // 2, size // 2 - side // 2, size // 2 + side // 2, size // 2 + side // 2),
     )
-    _draw(draw, pict)
+    draw_object(draw, pict)
     genre, author = GENRES[color], AUTHORS[shape]
     kind = int(rng.integers(3))
     if kind == 0:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import random
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -18,8 +19,8 @@ from sefe_core.config import RunConfig
 from sefe_core.hashing import config_hash
 from sefe_core.minicoin import build_minicoin
 from sefe_core.registry import task_spec
-from sefe_core.tiny_vlm import BaseModel, ensure_tiny_vlm
-from sefe_core.vlm import generate_answers, load_vlm
+from sefe_core.scorers import judge
+from sefe_core.tiny_config import BaseModel
 
 
 @dataclass(frozen=True)
@@ -116,15 +117,27 @@ def _ensure_coin(cfg: RunConfig) -> Benchmark:
     return Benchmark("coin", final, tuple(cc.tasks), build.sha256, seconds, False, build.counts())
 
 
-def ensure_base_model(cfg: RunConfig) -> BaseModel:
+def ensure_base_model(cfg: RunConfig, progress: Callable[[str, int, int], None] | None = None) -> BaseModel:
+    """The run's base model: the tiny one (shipped, cached or built here; `progress(phase, done,
+    total)` follows a build) or a local llava-hf directory."""
     if cfg.model.kind == "tiny":
-        return ensure_tiny_vlm(cfg.run_dir / "base", cfg.model.tiny)
+        from sefe_core.tiny_vlm import ensure_tiny_vlm
+
+        return ensure_tiny_vlm(cfg.run_dir / "base", cfg.model.tiny, progress)
     if not cfg.model.path or not Path(cfg.model.path).is_dir():
         raise FileNotFoundError(
             f"model.kind=pretrained needs model.path to be a local llava-hf directory, got {cfg.model.path!r}"
         )
     path = Path(cfg.model.path)
-    return BaseModel(path, config_hash(str(path.resolve())), float("nan"), float("nan"), 0.0, reused=True)
+    return BaseModel(
+        path,
+        config_hash(str(path.resolve())),
+        float("nan"),
+        float("nan"),
+        0.0,
+        reused=True,
+        origin="pretrained",
+    )
 
 
 @dataclass(frozen=True)
@@ -134,12 +147,16 @@ class PreviewRow:
     question: str
     reference: str
     prediction: str
+    format_ok: bool
+    score: float
 
 
 def zero_shot_preview(
     cfg: RunConfig, bench: Benchmark, base: BaseModel, n_per_task: int = 3
 ) -> list[PreviewRow]:
     """The base model's answers on a few test samples of every task, before any continual step."""
+    from sefe_core.vlm import generate_answers, load_vlm
+
     model, processor = load_vlm(base.path, trust_remote_code=cfg.model.trust_remote_code)
     rows: list[PreviewRow] = []
     rng = random.Random(cfg.benchmark.minicoin.seed)
@@ -154,5 +171,7 @@ def zero_shot_preview(
             image_root=bench.image_root,
             max_new_tokens=spec.max_new_tokens,
         )
-        rows += [PreviewRow(task, r.id, r.question, r.answer, p) for r, p in zip(picked, preds, strict=True)]
+        for r, p in zip(picked, preds, strict=True):
+            j = judge(spec, p, r.answer, r.meta_dict)
+            rows.append(PreviewRow(task, r.id, r.question, r.answer, p, j.format_ok, j.score))
     return rows

@@ -16,6 +16,15 @@ from rich.progress import (
 )
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
+BAR_COLUMNS = (
+    TextColumn("{task.description}"),
+    BarColumn(),
+    MofNCompleteColumn(),
+    TextColumn("loss {task.fields[loss]}"),
+    TimeElapsedColumn(),
+    TimeRemainingColumn(),
+)
+
 
 class RichProgressCallback(TrainerCallback):
     def __init__(self, description: str):
@@ -27,15 +36,7 @@ class RichProgressCallback(TrainerCallback):
     def on_train_begin(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw
     ) -> None:
-        self.progress = Progress(
-            TextColumn("{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("loss {task.fields[loss]}"),
-            TimeElapsedColumn(),
-            TimeRemainingColumn(),
-            transient=False,
-        )
+        self.progress = Progress(*BAR_COLUMNS, transient=False)
         self.progress.start()
         self.task = self.progress.add_task(
             self.description, total=state.max_steps, completed=state.global_step, loss="-"
@@ -70,3 +71,29 @@ def quiet_libraries() -> None:
 
     hf_logging.disable_progress_bar()
     warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*", category=FutureWarning)
+
+
+class _StepProgress(TrainerCallback):
+    def __init__(self, fn, every: float = 5.0):
+        self.fn, self.every, self.shown = fn, every, -1e9
+
+    def on_step_end(self, args, state, control, **kw) -> None:  # noqa: ANN001
+        pct = 100.0 * state.global_step / max(state.max_steps, 1)
+        if pct - self.shown >= self.every or state.global_step == state.max_steps:
+            self.fn(state.global_step, state.max_steps)
+            self.shown = pct
+
+
+def step_progress(fn, every: float = 5.0) -> TrainerCallback:
+    """A Trainer callback calling `fn(done, total)` every `every` percent of the optimizer steps
+    (a Prefect progress artifact is an API call: not every step)."""
+    return _StepProgress(fn, every)
+
+
+class StepCounter(TrainerCallback):
+    """Counts optimizer steps actually run (a resumed run counts only the steps it did)."""
+
+    def on_step_end(self, args, state, control, **kwargs) -> None:  # noqa: ANN001
+        from sefe_core import counters
+
+        counters.add("train_steps")

@@ -27,7 +27,7 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -35,31 +35,10 @@ from safetensors.torch import load_file, save_file
 
 from data_contracts import atomic_path
 from sefe_core.hashing import stable_seed
+from sefe_core.methods import METHODS, check_method, uses_asd  # noqa: F401 (re-exported)
 
 MASK_FILE = "mask.safetensors"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
-
-# method -> (penalty kind, mask kind). `asd` and `sefe` are `lora` / `reglora` fed ASD data.
-METHODS: dict[str, tuple[Literal["none", "mask", "l1"], Literal["topk", "random"]]] = {
-    "lora": ("none", "topk"),
-    "asd": ("none", "topk"),
-    "reglora": ("mask", "topk"),
-    "sefe": ("mask", "topk"),
-    "reglora-random": ("mask", "random"),
-    "l1": ("l1", "topk"),
-}
-
-
-def uses_asd(method: str) -> bool:
-    """`asd` and `sefe` train on the ASD output instead of the benchmark's original records."""
-    check_method(method)
-    return method in ("asd", "sefe")
-
-
-def check_method(method: str) -> tuple[str, str]:
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; known: {sorted(METHODS)}")
-    return METHODS[method]
 
 
 # --------------------------------------------------------------------------------------------

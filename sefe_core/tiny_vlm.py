@@ -1,9 +1,15 @@
-"""The embedded tiny LLaVA: built offline, pre-trained on a generic mix, saved with save_pretrained.
+"""The embedded tiny LLaVA: built offline in two pre-training stages, saved with save_pretrained.
 
 Later steps load it with `vlm.load_vlm`, the same `from_pretrained` path a llava-hf checkpoint
-takes. Pre-training is generic (captions, attribute questions in other wordings, a repeat-after-me
-drill that emits every MiniCoIN answer word) and never uses a task's prompt format, so each
-MiniCoIN task still has to be learned by its own LoRA.
+takes. What it learns before any task (`tiny_pretrain`): its vision tower on dense labels of
+MiniCoIN-like pictures, then generic instructions in every answer style, never a task's own
+prompt or task knowledge, so each MiniCoIN task still has to be learned by its own LoRA.
+
+Building the default takes minutes on 2 cores, so the default is shipped in the repository
+(`sefe_core/assets/tiny-llava/`, with its build record and the command that rebuilds it), as
+LLaVA-1.5's users download it rather than pre-train it. `ensure_tiny_vlm` copies it into the run
+directory when the requested config is the shipped one; any other config (the tests' short ones,
+`model.tiny.use_shipped=false`) is built here through the same code.
 """
 
 from __future__ import annotations
@@ -13,12 +19,14 @@ import logging
 import math
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from rich.progress import Progress
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import (
     CLIPImageProcessorPil,
@@ -36,10 +44,13 @@ from transformers import (
 from data_contracts import atomic_path, write_json
 from sefe_core import minicoin
 from sefe_core.asd import sample_texts as asd_sample_texts
-from sefe_core.hashing import config_hash, stable_seed
-from sefe_core.minicoin import COLORS, QUADRANTS, SHAPES, format_box
-from sefe_core.progress import RichProgressCallback
+from sefe_core.hashing import stable_seed
+from sefe_core.minicoin import COLORS, SHAPES
+from sefe_core.progress import BAR_COLUMNS as _BAR
+from sefe_core.progress import RichProgressCallback, step_progress
 from sefe_core.registry import benchmark_tasks
+from sefe_core.tiny_config import BUILDER_VERSION, REBUILD_COMMAND, SHIPPED, BaseModel, TinyVLMConfig
+from sefe_core.tiny_pretrain import instruction_mix, pretrain_vision, probe
 from sefe_core.vlm import SampleDataset, VLMCollator, load_vlm
 
 log = logging.getLogger(__name__)
@@ -56,31 +67,6 @@ CHAT_TEMPLATE = (
     "{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
 )
-# Bump when the builder or the pre-training mix changes: it is part of the cache key.
-BUILDER_VERSION = 2  # 2: the tokenizer corpus includes what ASD writes (asd.sample_texts)
-
-
-@dataclass(frozen=True)
-class TinyVLMConfig:
-    """Sizes and pre-training budget of the embedded model (~0.6M parameters)."""
-
-    image_size: int = 32
-    patch_size: int = 8
-    vision_hidden: int = 64
-    vision_layers: int = 2
-    text_hidden: int = 128
-    text_layers: int = 2
-    text_heads: int = 4
-    text_intermediate: int = 256
-    pretrain_samples: int = 5_000
-    pretrain_heldout: int = 500
-    pretrain_epochs: int = 2
-    pretrain_lr: float = 1e-3
-    pretrain_batch: int = 32
-    seed: int = 0
-
-    def key(self) -> str:
-        return config_hash({"config": asdict(self), "version": BUILDER_VERSION})
 
 
 # --------------------------------------------------------------------------------------------
@@ -94,7 +80,7 @@ def corpus_texts(n_per_task: int = 300) -> list[str]:
         for _ in range(n_per_task):
             _, q, a, _ = minicoin.GENERATORS[spec.scorer](rng)
             texts += [q, " " + a]
-    texts += [s.question + " " + s.answer for s in pretraining_mix(2000, seed=12345)]
+    texts += [s.question + " " + s.answer for s in instruction_mix(3000, seed=12345)]
     texts += asd_sample_texts()  # every word ASD's rules and style instructions write
     words = minicoin.answer_vocabulary() + list(COLORS) + list(SHAPES) + [str(i) for i in range(101)]
     words += [f"{i:02d}" for i in range(100)] + list("[],.?:;'\"()-!ABCDE")
@@ -104,7 +90,9 @@ def corpus_texts(n_per_task: int = 300) -> list[str]:
 
 def build_tokenizer(texts: list[str]) -> PreTrainedTokenizerFast:
     """A word-level tokenizer over byte-level pieces: whole words are single tokens, and decoding
-    restores the exact text (spaces and punctuation), which the scorers rely on."""
+    restores the exact text (spaces and punctuation), which the scorers rely on. The 256 byte
+    characters are tokens too, so a constrained decoder (vLLM's structured output) can spell any
+    JSON even though unknown words still encode as <unk>."""
     pre = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     pieces: set[str] = set()
     for t in texts:
@@ -113,6 +101,7 @@ def build_tokenizer(texts: list[str]) -> PreTrainedTokenizerFast:
                 bare = piece.removeprefix("Ġ")
                 pieces |= {bare, "Ġ" + bare} if bare else {piece}
     pieces.add("Ċ")  # newline
+    pieces |= set(pre_tokenizers.ByteLevel.alphabet())
     vocab = {tok: i for i, tok in enumerate(SPECIALS)}
     for p in sorted(pieces):
         vocab.setdefault(p, len(vocab))
@@ -187,56 +176,6 @@ def build_model(tokenizer: PreTrainedTokenizerFast, cfg: TinyVLMConfig) -> Llava
     return model
 
 
-# --------------------------------------------------------------------------------------------
-# Pre-training mix
-# --------------------------------------------------------------------------------------------
-@dataclass
-class PretrainSample:
-    image: Any  # PIL image, rendered in memory
-    question: str
-    answer: str
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"image": self.image, "question": self.question, "answer": self.answer}
-
-
-def pretraining_mix(n: int, seed: int) -> list[PretrainSample]:
-    """Generic captions and questions over MiniCoIN-like scenes, worded unlike any task prompt."""
-    rng = np.random.default_rng(stable_seed("pretrain", seed))
-    vocab = minicoin.answer_vocabulary()
-    out = []
-    for _ in range(n):
-        size = int(rng.choice([32, 40, 48]))
-        objs = minicoin.random_scene(rng, int(rng.integers(1, 5)), size)
-        o = objs[int(rng.integers(len(objs)))]
-        kind = int(rng.integers(7))
-        if kind == 0:
-            order = sorted(objs, key=lambda x: QUADRANTS.index(x.quadrant))
-            q = "Describe the image."
-            a = ", ".join(f"{x.color} {x.shape}" for x in order)
-        elif kind == 1:
-            q, a = f"Which colour does the {o.shape} have?", o.color
-        elif kind == 2:
-            q, a = f"Name the {o.color} shape.", o.shape
-        elif kind == 3:
-            q, a = f"In which part of the picture is the {o.color} {o.shape}?", o.quadrant
-        elif kind == 4:
-            q, a = "Count the shapes.", str(len(objs))
-        elif kind == 5:
-            c = list(COLORS)[int(rng.integers(len(COLORS)))]
-            q, a = f"Can you see something {c}?", "yes" if any(x.color == c for x in objs) else "no"
-        else:  # repeat drill: every answer word and box string of MiniCoIN is emitted somewhere
-            if rng.random() < 0.3:
-                box = sorted(rng.uniform(0, 1, 2).round(2))
-                box2 = sorted(rng.uniform(0, 1, 2).round(2))
-                a = format_box([box[0], box2[0], box[1], box2[1]])
-            else:
-                a = vocab[int(rng.integers(len(vocab)))]
-            q = f"Repeat after me: {a}"
-        out.append(PretrainSample(minicoin.render(objs, size), q, a))
-    return out
-
-
 @torch.no_grad()
 def heldout_loss(
     model: LlavaForConditionalGeneration, collator: VLMCollator, samples: list[dict], batch: int = 64
@@ -252,57 +191,128 @@ def heldout_loss(
     return total / max(count, 1)
 
 
-@dataclass
-class BaseModel:
-    path: Path
-    key: str
-    heldout_loss_before: float
-    heldout_loss_after: float
-    pretrain_seconds: float
-    reused: bool
+def _from_record(path: Path, key: str, reused: bool) -> BaseModel:
+    info = json.loads((path / "pretrain.json").read_text())
+    return BaseModel(
+        path, key, info["heldout_loss_before"], info["heldout_loss_after"], info["pretrain_seconds"],
+        reused=reused, probe=info.get("probe"), origin=info.get("origin", "built"),
+    )  # fmt: skip
 
 
-def ensure_tiny_vlm(root: str | Path, cfg: TinyVLMConfig = TinyVLMConfig()) -> BaseModel:
-    """Build and pre-train the tiny model under `root/tiny-llava-<key>/`, or reuse it if present.
+DEFAULT = TinyVLMConfig()
+
+
+def shipped_key() -> str | None:
+    """The config key the shipped base was built from (None when none is shipped)."""
+    record = SHIPPED / "pretrain.json"
+    return json.loads(record.read_text())["key"] if record.exists() else None
+
+
+def ensure_tiny_vlm(
+    root: str | Path, cfg: TinyVLMConfig = DEFAULT, progress: Callable[[str, int, int], None] | None = None
+) -> BaseModel:
+    """The tiny base under `root/tiny-llava-<key>/`: reused if present, copied from the shipped
+    artifact when that was built from this config, else built (both stages) here.
 
     The directory appears atomically (built in a temp dir, then renamed), so a crash mid-way
-    never leaves a half model that a later call would trust.
-    """
+    never leaves a half model that a later call would trust. `progress(phase, done, total)`
+    reports the build's two stages (the Prefect step mirrors it into the UI)."""
     root = Path(root)
     key = cfg.key()
     final = root / f"tiny-llava-{key}"
-    info_path = final / "pretrain.json"
-    if info_path.exists():
-        info = json.loads(info_path.read_text())
-        return BaseModel(
-            final,
-            key,
-            info["heldout_loss_before"],
-            info["heldout_loss_after"],
-            info["pretrain_seconds"],
-            reused=True,
-        )
+    if (final / "pretrain.json").exists():
+        return _from_record(final, key, reused=True)
+    if cfg.use_shipped and shipped_key() == key:
+        with atomic_path(final) as tmp:
+            shutil.copytree(SHIPPED, tmp)
+            info = json.loads((tmp / "pretrain.json").read_text())
+            write_json(tmp / "pretrain.json", {**info, "origin": "shipped"})
+        return _from_record(final, key, reused=True)
+    work = root / f".tiny-llava-{key}.building"
+    build_tiny_vlm(work / "model", cfg, progress)
+    with atomic_path(final) as tmp:
+        shutil.move(str(work / "model"), tmp)
+    shutil.rmtree(work, ignore_errors=True)
+    return _from_record(final, key, reused=False)
 
+
+def build_tiny_vlm(
+    out: str | Path, cfg: TinyVLMConfig = DEFAULT, progress: Callable[[str, int, int], None] | None = None
+) -> Path:
+    """Build and pre-train the tiny model into `out` (save_pretrained + pretrain.json, the build
+    record). Deterministic for a config on one machine: every random draw is seeded."""
+    out = Path(out)
+    shutil.rmtree(out, ignore_errors=True)
+    t0 = time.perf_counter()
     tokenizer = build_tokenizer(corpus_texts())
     processor = build_processor(tokenizer, cfg)
     model = build_model(tokenizer, cfg)
-    mix = [s.as_dict() for s in pretraining_mix(cfg.pretrain_samples + cfg.pretrain_heldout, cfg.seed)]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the tiny matrices do not split across cores (BENCHMARKS.md)
+    try:
+        with Progress(*_BAR, transient=False) as bar:
+            tid = bar.add_task("pre-training tiny LLaVA: vision", total=cfg.vision_steps, loss="-")
+
+            def vision_step(done: int, total: int, loss: float) -> None:
+                bar.update(tid, completed=done, loss=f"{loss:.3f}")
+                if progress is not None and (done % max(1, total // 20) == 0 or done == total):
+                    progress("vision", done, total)
+
+            vision_acc = pretrain_vision(
+                model, processor, cfg.vision_steps, cfg.vision_batch, cfg.vision_lr, cfg.seed, vision_step
+            )
+        vision_seconds = time.perf_counter() - t0
+        before, after, trainer_seconds = _instruction_pretrain(
+            model, processor, cfg, out / "trainer", progress
+        )
+        probe_acc = probe(model, processor)
+    finally:
+        torch.set_num_threads(threads)
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    shutil.rmtree(out / "trainer", ignore_errors=True)
+    write_json(
+        out / "pretrain.json",
+        {
+            "key": cfg.key(),
+            "config": asdict(cfg),
+            "builder_version": BUILDER_VERSION,
+            "command": REBUILD_COMMAND,
+            "heldout_loss_before": before,
+            "heldout_loss_after": after,
+            "vision_cell_accuracy": vision_acc,
+            "probe": probe_acc,
+            "vision_seconds": vision_seconds,
+            "instruction_seconds": trainer_seconds,
+            "pretrain_seconds": time.perf_counter() - t0,
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "torch": torch.__version__,
+            "origin": "built",
+        },
+    )
+    return out
+
+
+def _instruction_pretrain(
+    model: LlavaForConditionalGeneration, processor: LlavaProcessor, cfg: TinyVLMConfig, work: Path,
+    progress: Callable[[str, int, int], None] | None,
+) -> tuple[float, float, float]:  # fmt: skip
+    """Stage 2 with Trainer: projector + language model on the instruction mix, the vision tower
+    frozen (as LLaVA-1.5 trains). Returns held-out loss before, after, and the seconds."""
+    mix = [s.as_dict() for s in instruction_mix(cfg.pretrain_samples + cfg.pretrain_heldout, cfg.seed)]
     train, heldout = mix[: cfg.pretrain_samples], mix[cfg.pretrain_samples :]
     collator = VLMCollator(processor)
     before = heldout_loss(model, collator, heldout)
-
-    root.mkdir(parents=True, exist_ok=True)
-    work = root / f".tiny-llava-{key}.building"
-    shutil.rmtree(work, ignore_errors=True)
+    for p in model.model.vision_tower.parameters():
+        p.requires_grad_(False)
+    steps = math.ceil(cfg.pretrain_samples / cfg.pretrain_batch) * cfg.pretrain_epochs
     args = TrainingArguments(
-        output_dir=str(work / "trainer"),
+        output_dir=str(work),
         per_device_train_batch_size=cfg.pretrain_batch,
         num_train_epochs=cfg.pretrain_epochs,
         learning_rate=cfg.pretrain_lr,
         lr_scheduler_type="cosine",
-        warmup_steps=max(
-            1, int(0.03 * math.ceil(cfg.pretrain_samples / cfg.pretrain_batch) * cfg.pretrain_epochs)
-        ),
+        warmup_steps=max(1, int(0.03 * steps)),
         weight_decay=0.0,
         logging_steps=25,
         disable_tqdm=True,
@@ -314,37 +324,30 @@ def ensure_tiny_vlm(root: str | Path, cfg: TinyVLMConfig = TinyVLMConfig()) -> B
         remove_unused_columns=False,
         use_cpu=not torch.cuda.is_available(),
     )
+    callbacks: list[Any] = [RichProgressCallback("pre-training tiny LLaVA: instructions")]
+    if progress is not None:
+        callbacks.append(step_progress(lambda d, t: progress("instructions", d, t)))
     t0 = time.perf_counter()
     trainer = Trainer(
         model=model,
         args=args,
         train_dataset=SampleDataset(train),
         data_collator=collator,
-        callbacks=[RichProgressCallback("pre-training tiny LLaVA")],
+        callbacks=callbacks,
     )
     trainer.remove_callback(PrinterCallback)  # the progress bar shows the loss instead
     trainer.train()
     seconds = time.perf_counter() - t0
-    after = heldout_loss(model, collator, heldout)
-
-    model.save_pretrained(work / "model")
-    processor.save_pretrained(work / "model")
-    write_json(
-        work / "model" / "pretrain.json",
-        {
-            "key": key,
-            "config": asdict(cfg),
-            "builder_version": BUILDER_VERSION,
-            "heldout_loss_before": before,
-            "heldout_loss_after": after,
-            "pretrain_seconds": seconds,
-            "parameters": sum(p.numel() for p in model.parameters()),
-        },
-    )
-    with atomic_path(final) as tmp:
-        shutil.move(str(work / "model"), tmp)
-    shutil.rmtree(work, ignore_errors=True)
-    return BaseModel(final, key, before, after, seconds, reused=False)
+    for p in model.model.vision_tower.parameters():
+        p.requires_grad_(True)
+    return before, heldout_loss(model, collator, heldout), seconds
 
 
-__all__ = ["TinyVLMConfig", "ensure_tiny_vlm", "build_tokenizer", "corpus_texts", "load_vlm"]
+__all__ = [
+    "TinyVLMConfig",
+    "build_tiny_vlm",
+    "ensure_tiny_vlm",
+    "build_tokenizer",
+    "corpus_texts",
+    "load_vlm",
+]

@@ -23,18 +23,18 @@ import math
 import re
 import shutil
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any
 
 import torch
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_pt_utils import LengthGroupedSampler, get_length_grouped_indices
 
 from sefe_core.failpoints import failpoint
 from sefe_core.reglora import MASK_FILE
+from sefe_core.train_config import PRESETS, RunTrainConfig, TrainConfig, run_default  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -43,137 +43,6 @@ PROJECTOR_FILE = "projector.safetensors"
 TRAIN_JSON = "train.json"
 CHECKPOINTS = "checkpoints"
 KEY_FILE = "sefe_task_key.json"  # inside checkpoints/: which config the checkpoints belong to
-CONFIG_DIR = Path(__file__).parent / "configs"
-
-# Values that differ from the reference setup in the `minicoin` preset: the ~0.6M-parameter tiny
-# LLaVA on 2 CPU cores (10 optimizer steps per task of 160 samples: `sefe run`, six methods x
-# eight tasks, must fit in 5 minutes). Higher learning rates, more epochs or a larger rank did not
-# learn the tasks' content better (see the issue-3 report: the tiny base model, not the LoRA,
-# limits what a task can learn).
-PRESETS: dict[str, dict[str, Any]] = {
-    "reference": {},
-    "minicoin": {
-        "lora_r": 16,
-        "lora_alpha": 32,
-        "lora_dropout": 0.0,
-        "learning_rate": 2e-3,
-        "projector_lr": 2e-4,
-        "num_train_epochs": 2.0,
-        "per_device_train_batch_size": 32,
-        "gradient_accumulation_steps": 1,
-        "bf16": False,
-        "tf32": False,
-        "gradient_checkpointing": False,
-        "max_length": None,
-        "save_steps": 50,
-        "logging_steps": 10,
-        "cpu_threads": 1,
-    },
-}
-
-
-class TrainConfig(BaseModel):
-    """Per-task training settings. Defaults = the reference setup (CoIN, LLaVA-1.5-7B, DESIGN.md
-    §1); `preset: minicoin` fills in small values for the tiny model on a CPU. Explicit fields
-    always win over the preset."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    preset: Literal["reference", "minicoin"] = "reference"
-    # LoRA on every linear layer of the language model
-    lora_r: int = Field(128, gt=0)
-    lora_alpha: float = Field(256, gt=0)
-    lora_dropout: float = Field(0.05, ge=0, lt=1)
-    # optimisation
-    learning_rate: float = Field(2e-4, gt=0)
-    train_projector: bool = True
-    projector_lr: float = Field(2e-5, gt=0)
-    lr_scheduler_type: str = "cosine"
-    warmup_ratio: float = Field(0.03, ge=0, lt=1)
-    weight_decay: float = Field(0.0, ge=0)
-    max_grad_norm: float = Field(1.0, ge=0)
-    num_train_epochs: float = Field(1.0, gt=0)
-    max_steps: int = -1  # > 0 overrides epochs (tests, smoke runs)
-    per_device_train_batch_size: int = Field(16, gt=0)
-    gradient_accumulation_steps: int = Field(8, gt=0)  # 16 x 8 = the reference global batch 128
-    max_length: int | None = Field(2048, gt=0)
-    # batches of samples of similar length (LLaVA trains with group_by_modality_length): ASD's
-    # 50-word answers otherwise pad every short answer of their batch to their length
-    group_by_length: bool = True
-    # numerics / memory (bf16 and tf32 apply on CUDA only)
-    bf16: bool = True
-    tf32: bool = True
-    gradient_checkpointing: bool = True
-    # RegLoRA
-    reg_lambda: float = Field(2.5e3, ge=0)
-    mask_percent: float = Field(2.0, gt=0, le=100)
-    # bookkeeping (not part of the task's cache key)
-    seed: int = 0
-    save_steps: int = Field(500, gt=0)
-    save_total_limit: int = Field(2, gt=0)
-    logging_steps: int = Field(10, gt=0)
-    keep_checkpoints: bool = False
-    dataloader_num_workers: int = Field(0, ge=0)
-    # torch intra-op threads while training on CPU (None: torch's default). The tiny model's
-    # matrices are too small to share between cores, and with 2 threads on a busy 2-core machine
-    # OpenMP's spin-waiting made a MiniCoIN task 14x slower (186 s vs 13 s), so minicoin uses 1.
-    cpu_threads: int | None = Field(None, gt=0)
-    deepspeed: str | None = None  # "zero2", "zero3" (shipped configs) or a path to a JSON config
-    # GPUs one task trains on: > 1 launches `accelerate launch` (sefe_core.launch). Part of the
-    # cache key: the global batch is per_device x accumulation x processes.
-    num_processes: int = Field(1, ge=1)
-
-    @model_validator(mode="before")
-    @classmethod
-    def _apply_preset(cls, data: Any) -> Any:
-        if isinstance(data, dict):
-            preset = data.get("preset", "reference")
-            if preset not in PRESETS:
-                return data  # the Literal check reports it
-            return {**PRESETS[preset], **data}
-        return data
-
-    @classmethod
-    def minicoin(cls, **overrides: Any) -> TrainConfig:
-        return cls(preset="minicoin", **overrides)
-
-    def key_fields(self, method: str) -> dict[str, Any]:
-        """The fields that change what `method` learns on a task (its cache key): not paths,
-        logging or saving; not `mask_percent` (it shapes this task's mask, which the mask step
-        keys on, and earlier tasks' masks enter through their files); `reg_lambda` only for the
-        methods with a penalty."""
-        from sefe_core.reglora import check_method
-
-        skip = {"preset", "save_steps", "save_total_limit", "logging_steps", "keep_checkpoints"}
-        skip |= {"dataloader_num_workers", "deepspeed", "cpu_threads", "mask_percent"}
-        if check_method(method)[0] == "none":
-            skip.add("reg_lambda")
-        return {k: v for k, v in self.model_dump(mode="json").items() if k not in skip}
-
-    def deepspeed_config(self) -> str | None:
-        if self.deepspeed is None:
-            return None
-        shipped = CONFIG_DIR / f"{self.deepspeed}.json"
-        path = shipped if shipped.exists() else Path(self.deepspeed)
-        if not path.exists():
-            raise FileNotFoundError(f"deepspeed config {self.deepspeed!r} is neither shipped nor a file")
-        return str(path)
-
-
-def _run_default_preset(value: Any) -> Any:
-    """In a run config the preset defaults to `minicoin`, the embedded default's CPU budget: a
-    partial `train:` section (or `--set train.lr=...`) must not silently switch to the 7B setup."""
-    if isinstance(value, dict) and "preset" not in value:
-        return {"preset": "minicoin", **value}
-    return value
-
-
-# The type of RunConfig.train: a TrainConfig whose preset defaults to `minicoin`.
-RunTrainConfig = Annotated[TrainConfig, BeforeValidator(_run_default_preset)]
-
-
-def run_default() -> TrainConfig:
-    return TrainConfig(preset="minicoin")
 
 
 @dataclass(frozen=True)
@@ -603,8 +472,10 @@ def train_task(
     *,
     trust_remote_code: bool = False,
     callbacks: Sequence[Any] = (),
+    progress: Callable[[int, int], None] | None = None,
 ) -> TrainResult:
     """Train one task of the sequence with `method`, on the stage after `prior_task_dirs`.
+    `progress(done, total)` is called every 5% of the optimizer steps.
 
     `train_records`: InstructionRecords or an instructions Parquet (rows with split == "train").
     Idempotent: a finished task (train.json with the same config hash) is returned as is with
@@ -645,7 +516,11 @@ def train_task(
     )
     model = attach_lora(model, cfg)
     regularizer = build_regularizer(model, method, [p / MASK_FILE for p in priors])
-    callbacks = [*callbacks, _FailpointOnSave()]
+    from sefe_core.progress import StepCounter, step_progress
+
+    callbacks = [*callbacks, _FailpointOnSave(), StepCounter()]
+    if progress is not None:
+        callbacks.append(step_progress(progress))
     trainer = build_trainer(model, processor, samples, image_root, ckpt_dir, cfg, regularizer, callbacks)
 
     start_step = json.loads((resume / "trainer_state.json").read_text())["global_step"] if resume else 0

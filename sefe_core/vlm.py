@@ -47,7 +47,9 @@ def pad_to_square(img: Image.Image, fill: Sequence[float]) -> Image.Image:
     if w == h:
         return img
     side = max(w, h)
-    color = tuple(int(255 * c) for c in fill)  # truncated, as LLaVA's `int(x * 255)`: (122, 116, 104) for CLIP
+    color = tuple(
+        int(255 * c) for c in fill
+    )  # truncated, as LLaVA's `int(x * 255)`: (122, 116, 104) for CLIP
     out = Image.new("RGB", (side, side), color)
     out.paste(img, ((side - w) // 2, (side - h) // 2))
     return out
@@ -144,6 +146,7 @@ def generate_answers(
     max_new_tokens: int = 16,
     batch_size: int = 64,
     sort_by_length: bool = True,
+    count: bool = True,
 ) -> list[str]:
     """Greedy answers for {image, question} samples, batched with left padding, in input order.
 
@@ -176,7 +179,8 @@ def generate_answers(
             new = gen[:, enc["input_ids"].shape[1] :]
             for i, text in zip(idx, tok.batch_decode(new, skip_special_tokens=True), strict=True):
                 out[i] = text.strip()
-            counters.add("generations", len(idx))  # lets a rerun prove it generated nothing
+            if count:  # lets a rerun prove it generated nothing (a base model's build probe does not count)
+                counters.add("generations", len(idx))
     finally:
         tok.padding_side = old_side
     return out

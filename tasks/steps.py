@@ -15,6 +15,7 @@ from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
 from sefe_core import counters
 from sefe_core.config import RunConfig
+from sefe_core.workers import run_job
 from tasks.caching import files, sha_of, step
 
 
@@ -103,15 +104,14 @@ def train(
             *args, trust_remote_code=cfg.model.trust_remote_code, on_line=get_run_logger().info
         )
         counters.add("train_steps", res.steps_run)
-    else:
+    else:  # in a worker process when the run has workers (two methods train at once on 2 cores)
         artifact = create_progress_artifact(
             0.0, key=f"train-{_slug(method)}-{k}", description=f"{method}: training {task}"
         )
-        res = train_task(
-            *args,
-            trust_remote_code=cfg.model.trust_remote_code,
-            callbacks=[_progress_artifact_callback(artifact), counters.StepCounter()],
-        )
+        res = run_job(
+            train_task, *args, workers=cfg.worker_count, serial=True, trust_remote_code=cfg.model.trust_remote_code,
+            progress=lambda done, total: update_progress_artifact(artifact, 100.0 * done / max(total, 1)),
+        )  # fmt: skip
     get_run_logger().info(
         "%s task %d (%s): %d steps run, final loss %.4f", method, k, task, res.steps_run, res.final_loss
     )
@@ -147,26 +147,24 @@ def evaluate(
     task_dirs: list[str],
     bench_dir: str,
 ) -> dict[str, Any]:
-    from sefe_core.evaluate import evaluate_seen, predictions_path
+    from sefe_core.evaluate import evaluate_stage_dir, predictions_path
     from sefe_core.prepare import load_benchmark
-    from sefe_core.train import stage_model
 
     cfg = _cfg(cfg_json)
-    bench = load_benchmark(bench_dir)
-    model, processor = stage_model(base_path, task_dirs, trust_remote_code=cfg.model.trust_remote_code)
-    out = predictions_path(run_dir, method, bench.tasks[k - 1])
+    out = predictions_path(run_dir, method, load_benchmark(bench_dir).tasks[k - 1])
     before = counters.get("generations")
     artifact = create_progress_artifact(
         0.0, key=f"eval-{_slug(method)}-{k}", description=f"{method}: evaluating stage {k} on tasks 1..{k}"
     )
-    preds = evaluate_seen(
-        model, processor, bench, method, k, out_path=out, batch_size=cfg.eval.batch_size,
+    res = run_job(
+        evaluate_stage_dir, base_path, task_dirs, bench_dir, method, out, workers=cfg.worker_count,
+        batch_size=cfg.eval.batch_size, trust_remote_code=cfg.model.trust_remote_code,
         progress=lambda done, total: update_progress_artifact(artifact, 100.0 * done / total),
     )  # fmt: skip
-    acc = sum(p.score for p in preds) / max(len(preds), 1)
     get_run_logger().info(
-        "%s stage %d: %d predictions on tasks 1..%d, mean score %.3f", method, k, len(preds), k, acc
-    )
+        "%s stage %d: %d predictions on tasks 1..%d, mean score %.3f",
+        method, k, res["predictions"], k, res["mean_score"],
+    )  # fmt: skip
     written = files(out)
     return {
         "path": str(out),
@@ -203,21 +201,3 @@ def comparison_report(
 
 def _slug(text: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in text.lower())
-
-
-def _progress_artifact_callback(artifact_id: Any) -> Any:
-    """A Trainer callback mirroring training progress into a Prefect progress artifact, every 5%
-    (not every step: each update is an API call). Built here so importing this module (the fast
-    path of a finished run) does not import transformers."""
-    from transformers import TrainerCallback
-
-    class ProgressArtifact(TrainerCallback):
-        shown = 0.0
-
-        def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-            pct = 100.0 * state.global_step / max(state.max_steps, 1)
-            if pct - self.shown >= 5 or state.global_step == state.max_steps:
-                update_progress_artifact(artifact_id, pct)
-                self.shown = pct
-
-    return ProgressArtifact()

@@ -30,6 +30,8 @@ SMALL = [
     "model.tiny.pretrain_samples=1600",
     "model.tiny.pretrain_heldout=64",
     "model.tiny.pretrain_epochs=1",
+    "model.tiny.vision_steps=60",
+    "workers=0",  # in-process: a spawned worker's imports cost more than these tiny jobs
 ]
 
 

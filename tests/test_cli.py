@@ -21,7 +21,8 @@ def test_sefe_prepare_builds_and_previews(tmp_path: Path) -> None:
     first = _sefe("prepare", *sets, "--set", "experiment=cli", cwd=tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]
     out = first.stdout
-    assert "Benchmark minicoin: 8 tasks, built in" in out and "held-out pre-training loss" in out
+    assert "Benchmark minicoin: 8 tasks, built in" in out and "Held-out pre-training loss" in out
+    assert "What the base model sees" in out  # the probe table
     assert "Zero-shot" in out and out.count("08-ocrvqa") >= 2
     run_dir = tmp_path / "runs" / "cli"
     assert len(list(run_dir.glob("benchmark/minicoin-*/*.parquet"))) == 8

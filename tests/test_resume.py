@@ -34,7 +34,8 @@ def _sefe_run(runs_root: Path, failpoints: str | None) -> subprocess.CompletedPr
     env.pop("SEFE_FAILPOINTS", None)
     if failpoints:
         env["SEFE_FAILPOINTS"] = failpoints
-    sets = [a for s in [*CONFIG, f"runs_root={runs_root}"] for a in ("--set", s)]
+    # in worker processes, as `sefe run` runs by default (the uninterrupted run is in-process)
+    sets = [a for s in [*CONFIG, f"runs_root={runs_root}", "workers=2"] for a in ("--set", s)]
     log = runs_root / f"sefe-run-{failpoints or 'clean'}.log"
     with open(log, "w") as out:  # a file, not a pipe: an orphaned server child would hold a pipe open
         proc = subprocess.Popen(

@@ -17,7 +17,7 @@ def test_pretraining_lowers_heldout_loss(small_run) -> None:
     _, _, base = small_run
     assert base.heldout_loss_after < 0.7 * base.heldout_loss_before
     info = json.loads((base.path / "pretrain.json").read_text())
-    assert info["parameters"] < 1_000_000
+    assert info["parameters"] < 1_500_000  # a tiny model: ~1M parameters, ~4 MB
 
 
 def test_second_call_reuses_the_cache(small_run) -> None:
@@ -71,3 +71,64 @@ def test_questions_have_no_unknown_tokens(small_run) -> None:
             assert processor.tokenizer.unk_token_id not in processor.tokenizer(r.question)["input_ids"], (
                 r.question
             )
+
+
+# ---- the shipped base (sefe_core/assets/tiny-llava): what `sefe run` starts from ----------------
+def test_default_config_uses_the_shipped_base(tmp_path) -> None:
+    from sefe_core.tiny_config import SHIPPED, TinyVLMConfig
+    from sefe_core.tiny_vlm import ensure_tiny_vlm, shipped_key
+
+    assert (SHIPPED / "model.safetensors").exists(), "the shipped base is missing: run `sefe build-base`"
+    assert shipped_key() == TinyVLMConfig().key(), "the shipped base was built from another config"
+    t = time.perf_counter()
+    base = ensure_tiny_vlm(tmp_path, TinyVLMConfig())
+    assert base.origin == "shipped" and time.perf_counter() - t < 10
+    info = json.loads((base.path / "pretrain.json").read_text())
+    assert info["command"] == "sefe build-base --out sefe_core/assets/tiny-llava"
+    rebuilt_key = TinyVLMConfig(use_shipped=False).key()
+    assert rebuilt_key == base.key  # use_shipped says where the model comes from, not what it is
+
+
+def test_shipped_base_reads_its_images() -> None:
+    """A fresh probe (held-out generic questions) of the shipped model, far above chance."""
+    from sefe_core.tiny_config import SHIPPED
+    from sefe_core.tiny_pretrain import probe
+
+    model, processor = load_vlm(SHIPPED)
+    got = probe(model, processor, n_per_kind=40, seed=7)
+    for kind, v in got.items():
+        floor = max(2 * v["chance"], v["chance"] + 0.25) if v["chance"] else 0.1
+        assert v["accuracy"] >= floor, (kind, v)
+
+
+def test_shipped_base_answers_in_the_requested_style() -> None:
+    """Zero-shot on MiniCoIN (tasks it never saw): the answer has each task's native format."""
+    from sefe_core.config import load_config
+    from sefe_core.evaluate import evaluate_stage
+    from sefe_core.minicoin import generate_task
+    from sefe_core.registry import benchmark_tasks
+    from sefe_core.tiny_config import SHIPPED
+
+    model, processor = load_vlm(SHIPPED)
+    load_config()  # the default config validates with the shipped base
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as d:
+        for spec in benchmark_tasks("minicoin"):
+            recs = generate_task(spec, "test", 24, seed=5, image_root=Path(d))
+            preds = evaluate_stage(model, processor, recs, spec, "base", 0, Path(d))
+            share = sum(p.format_ok for p in preds) / len(preds)
+            assert share >= 0.75, (spec.name, share, [p.prediction for p in preds[:4]])
+
+
+def test_tokenizer_can_spell_any_json(small_run) -> None:
+    """The byte alphabet is in the vocabulary: a constrained decoder (vLLM structured output)
+    can write `{"a": [1]}` one character at a time."""
+    _, _, base = small_run
+    _, processor = load_vlm(base.path)
+    vocab = processor.tokenizer.get_vocab()
+    from tokenizers import pre_tokenizers
+
+    assert set(pre_tokenizers.ByteLevel.alphabet()) <= set(vocab)
+    assert all(c in vocab for c in '{"a":[1]}') and "Ġ" in vocab  # Ġ: a space, byte-level

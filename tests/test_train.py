@@ -153,7 +153,7 @@ def first_task(small_run, tmp_path_factory):
 
 
 def test_task_directory_reuse_and_staging(small_run, first_task, tmp_path):
-    _, bench, base = small_run
+    cfg, bench, base = small_run
     res1, run = first_task
     d1 = res1.task_dir
     assert (d1 / "adapter" / "adapter_config.json").exists() and (
@@ -169,7 +169,7 @@ def test_task_directory_reuse_and_staging(small_run, first_task, tmp_path):
     assert info["final_reg_penalty"] is None  # task 1: nothing to protect yet
 
     mask = load_mask(d1 / MASK_FILE)
-    assert mask.kind == "topk" and len(mask.indices) == 14
+    assert mask.kind == "topk" and len(mask.indices) == 7 * cfg.model.tiny.text_layers  # q k v o gate up down
     for name, idx in mask.indices.items():
         out, inn = mask.shapes[name]
         assert idx.dtype == torch.int32 and idx.numel() == mask_size(out * inn, 2.0)

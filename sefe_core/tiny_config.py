@@ -1,0 +1,58 @@
+"""Sizes and pre-training budget of the embedded tiny LLaVA, and where its shipped copy lives
+(light: loading a run config must not import the model code)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from sefe_core.hashing import config_hash
+
+# Bump when the builder or the pre-training mix changes: it is part of the cache key.
+# 3: byte alphabet in the vocabulary, vision pre-training, instruction mix in every style.
+BUILDER_VERSION = 3
+SHIPPED = Path(__file__).parent / "assets" / "tiny-llava"
+REBUILD_COMMAND = "sefe build-base --out sefe_core/assets/tiny-llava"
+
+
+@dataclass(frozen=True)
+class TinyVLMConfig:
+    """Sizes and pre-training budget of the embedded model (~1M parameters).
+
+    `use_shipped`: take the copy shipped in the repository when it was built from this very
+    config (it is not part of what the model is, only of where it comes from)."""
+
+    image_size: int = 32
+    patch_size: int = 8
+    vision_hidden: int = 96
+    vision_layers: int = 3
+    text_hidden: int = 128
+    text_layers: int = 3
+    text_heads: int = 4
+    text_intermediate: int = 256
+    vision_steps: int = 1500  # stage 1: the vision tower on dense labels
+    vision_batch: int = 64
+    vision_lr: float = 2e-3
+    pretrain_samples: int = 60_000  # stage 2: generic instructions
+    pretrain_heldout: int = 500
+    pretrain_epochs: int = 1
+    pretrain_lr: float = 1e-3
+    pretrain_batch: int = 32
+    seed: int = 0
+    use_shipped: bool = True
+
+    def key(self) -> str:
+        fields = {k: v for k, v in asdict(self).items() if k != "use_shipped"}
+        return config_hash({"config": fields, "version": BUILDER_VERSION})
+
+
+@dataclass
+class BaseModel:
+    path: Path
+    key: str
+    heldout_loss_before: float
+    heldout_loss_after: float
+    pretrain_seconds: float
+    reused: bool
+    probe: dict[str, dict[str, float]] | None = None
+    origin: str = "built"  # built | shipped | pretrained
