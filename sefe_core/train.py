@@ -319,7 +319,7 @@ def build_trainer(
     """The Trainer for one task (also used directly by tests to compare gradient accumulation)."""
     from transformers import PrinterCallback, TrainingArguments
 
-    from sefe_core.vlm import SampleDataset, VLMCollator
+    from sefe_core.vlm import EncodedDataset, VLMCollator
 
     cuda = torch.cuda.is_available()
     args = TrainingArguments(
@@ -351,13 +351,12 @@ def build_trainer(
         use_cpu=not cuda,
         deepspeed=cfg.deepspeed_config(),
     )
+    collator = VLMCollator(processor, Path(image_root) if image_root is not None else None, cfg.max_length)
     trainer = SEFETrainer(
         model=model,
         args=args,
-        train_dataset=SampleDataset(list(samples)),
-        data_collator=VLMCollator(
-            processor, Path(image_root) if image_root is not None else None, cfg.max_length
-        ),
+        train_dataset=EncodedDataset(list(samples), collator),
+        data_collator=collator,
         callbacks=list(callbacks),
         regularizer=regularizer,
         reg_lambda=cfg.reg_lambda,

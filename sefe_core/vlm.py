@@ -104,36 +104,56 @@ class VLMCollator:
     image_root: Path | None = None
     max_length: int | None = None
 
-    def __call__(self, samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    def encode(self, samples: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Per sample: token ids, labels (answer tokens only) and pixel values, unpadded."""
         tok = self.processor.tokenizer
         images = [open_image(s["image"], self.image_root, self.processor) for s in samples]
         prompts = [prompt_text(self.processor, s["question"]) for s in samples]
         enc = self.processor(images=images, text=prompts, return_tensors=None, padding=False)
         answers = tok([" " + s["answer"] for s in samples], add_special_tokens=False)["input_ids"]
-        seqs, labels = [], []
-        for p_ids, a_ids in zip(enc["input_ids"], answers, strict=True):
+        out = []
+        for p_ids, a_ids, pix in zip(enc["input_ids"], answers, enc["pixel_values"], strict=True):
             ids = list(p_ids) + list(a_ids) + [tok.eos_token_id]
             lab = [IGNORE_INDEX] * len(p_ids) + list(a_ids) + [tok.eos_token_id]
             if self.max_length is not None:
                 ids, lab = ids[: self.max_length], lab[: self.max_length]
-            seqs.append(ids)
-            labels.append(lab)
-        width = max(len(s) for s in seqs)
-        pad = tok.pad_token_id
-        input_ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-        attention = torch.zeros((len(seqs), width), dtype=torch.long)
-        label_t = torch.full((len(seqs), width), IGNORE_INDEX, dtype=torch.long)
-        for i, (ids, lab) in enumerate(zip(seqs, labels, strict=True)):
-            input_ids[i, : len(ids)] = torch.tensor(ids)
-            attention[i, : len(ids)] = 1
-            label_t[i, : len(lab)] = torch.tensor(lab)
-        pixel_values = torch.as_tensor(np.stack(enc["pixel_values"]))
+            out.append({"input_ids": ids, "labels": lab, "pixel_values": np.asarray(pix)})
+        return out
+
+    def pad(self, encoded: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        width = max(len(e["input_ids"]) for e in encoded)
+        input_ids = torch.full((len(encoded), width), self.processor.tokenizer.pad_token_id, dtype=torch.long)
+        attention = torch.zeros((len(encoded), width), dtype=torch.long)
+        label_t = torch.full((len(encoded), width), IGNORE_INDEX, dtype=torch.long)
+        for i, e in enumerate(encoded):
+            n = len(e["input_ids"])
+            input_ids[i, :n] = torch.tensor(e["input_ids"])
+            attention[i, :n] = 1
+            label_t[i, :n] = torch.tensor(e["labels"])
+        pixel_values = torch.as_tensor(np.stack([e["pixel_values"] for e in encoded]))
         return {
             "input_ids": input_ids,
             "attention_mask": attention,
             "pixel_values": pixel_values,
             "labels": label_t,
         }
+
+    def __call__(self, samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        """Raw samples are encoded first; items of an `EncodedDataset` are only padded."""
+        return self.pad(samples if samples and "input_ids" in samples[0] else self.encode(samples))
+
+
+class EncodedDataset(SampleDataset):
+    """Samples encoded once (tokenised, images opened and preprocessed) instead of once per epoch:
+    collation was 15% of a MiniCoIN training step (BENCHMARKS.md). Batches and their order are
+    those of the raw samples (same lengths for length grouping), so results do not change."""
+
+    def __init__(self, items: list[dict[str, Any]], collator: VLMCollator, chunk: int = 64):
+        super().__init__(items)
+        self.encoded = [e for i in range(0, len(items), chunk) for e in collator.encode(items[i : i + chunk])]
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return self.encoded[i]
 
 
 @torch.no_grad()
