@@ -10,7 +10,8 @@ from sefe_core.hashing import config_hash
 
 # Bump when the builder or the pre-training mix changes: it is part of the cache key.
 # 3: byte alphabet in the vocabulary, vision pre-training, instruction mix in every style.
-BUILDER_VERSION = 3
+# 4: LLaVA's referring-expression box prompt in the mix.
+BUILDER_VERSION = 4
 SHIPPED = Path(__file__).parent / "assets" / "tiny-llava"
 REBUILD_COMMAND = "sefe build-base --out sefe_core/assets/tiny-llava"
 

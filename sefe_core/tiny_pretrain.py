@@ -12,9 +12,11 @@ suffixes). The tiny model gets both, in miniature and in two stages:
 2. **Instruction pre-training** (`instruction_mix`, run by `tiny_vlm` with Trainer, vision tower
    frozen as in LLaVA): generic questions about the same kinds of pictures in every answer style
    (short, yes/no, lettered options, boxes, a brief explanation), each with the style's
-   instruction. The wording is not any MiniCoIN task's, and task knowledge (which cover colour is
-   which genre, what a blurred photo should get, the ScienceQA context line, the grounding prompt)
-   is never shown: each task still has something to learn from its own data.
+   instruction. The wording is not a MiniCoIN task's, and task knowledge (which cover colour is
+   which genre, what a blurred photo should get, the ScienceQA context line)
+   is never shown: each task still has something to learn from its own data. (The one prompt it
+   shares with a task is LLaVA-1.5's referring-expression prompt, which real LLaVA learned from
+   RefCOCO before CoIN; its MiniCoIN Grounding task still differs in its 2-3 object scenes.)
 
 `probe` measures stage 2 on held-out generic questions (colour, shape, position, count, sign word)
 against chance, so a base that does not read its images shows it at build time.
@@ -46,7 +48,7 @@ from sefe_core.minicoin import (
     draw_sign,
     format_box,
 )
-from sefe_core.registry import MCQ_SUFFIX, SHORT_SUFFIX
+from sefe_core.registry import GROUNDING_PREFIX, MCQ_SUFFIX, SHORT_SUFFIX
 from sefe_core.styles import STYLE_INSTRUCTIONS
 
 COLOR_NAMES = list(COLORS)
@@ -250,6 +252,9 @@ def _questions(p: Picture, rng: np.random.Generator) -> list[tuple[str, str, str
             ("colour", _short(f"Which colour does the {o.shape} have?"), o.color),
             ("shape", _short(f"Name the {o.color} shape."), o.shape),
             ("box", f"Where exactly is the {o.color} {o.shape}? {STYLE_INSTRUCTIONS['bbox']}", _box(o, size)),
+            # LLaVA-1.5's own referring-expression prompt (its RefCOCO data, which CoIN's Grounding
+            # reuses): real LLaVA knows how to answer it before CoIN, so the tiny one does too
+            ("box", f"{GROUNDING_PREFIX} {o.color} {o.shape}.", _box(o, size)),
             ("mcq", *_mcq(rng, f"Which shape is {o.color}?", o.shape, list(SHAPES))),
             ("mcq", *_mcq(rng, f"Which colour does the {o.shape} have?", o.color, COLOR_NAMES)),
             ("brief", f"Which colour does the {o.shape} have? {STYLE_INSTRUCTIONS['brief']}",
