@@ -57,9 +57,6 @@ def run(config: Path | None = ConfigOpt, set_: list[str] = SetOpt) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     cfg = _config(config, set_)
     from flows.pipeline import finished_pipeline
-    from sefe_core.progress import quiet_libraries
-
-    quiet_libraries()
 
     t0 = time.perf_counter()
     console.rule(f"[bold]SEFE run: {cfg.experiment}  ({', '.join(cfg.methods)} on {cfg.benchmark.name})")
@@ -69,7 +66,10 @@ def run(config: Path | None = ConfigOpt, set_: list[str] = SetOpt) -> None:
         console.print(f"Run already complete for this config: every step is cached under {cfg.run_dir}.")
     else:
         from flows.pipeline import sefe_pipeline
+        from sefe_core.progress import quiet_libraries
         from sefe_core.runlock import RunDirectoryBusy
+
+        quiet_libraries()  # imports transformers: only when something will run
 
         console.print(
             f"Running the pipeline under [bold]{cfg.run_dir}[/] (Prefect logs each step; "

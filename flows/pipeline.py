@@ -30,7 +30,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from sefe_core import counters, workers
 from sefe_core.config import RunConfig
-from sefe_core.reglora import check_method, uses_asd
+from sefe_core.methods import check_method, uses_asd
 from sefe_core.runlock import run_lock
 from tasks import steps
 from tasks.caching import cached_step, resolve, run_step
