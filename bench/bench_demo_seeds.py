@@ -16,14 +16,13 @@ import json
 import os
 import shlex
 import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.bench_sefe_run import sefe_run  # noqa: E402
 from bench.common import load_average, machine, publish, utc_heading  # noqa: E402
 
 METRICS = ("MFT", "MFN", "MAA", "BWT")
@@ -31,17 +30,10 @@ SPLIT = ("superficial", "essential")
 
 
 def run_seed(runs_root: Path, seed: int, sets: list[str], env: dict[str, str]) -> tuple[float, Path]:
+    """One cold `sefe run` (bench_sefe_run's runner) of experiment `demo-seed-<seed>`."""
     exp = f"demo-seed-{seed}"
-    args = [str(Path(sys.executable).with_name("sefe")), "run", "--set", f"runs_root={runs_root}",
-            "--set", f"experiment={exp}"]  # fmt: skip
-    for key in ("benchmark.minicoin.seed", "train.seed", "asd.seed"):
-        args += ["--set", f"{key}={seed}"]
-    args += [a for s in sets for a in ("--set", s)]
-    t0 = time.perf_counter()
-    res = subprocess.run(args, env=env, capture_output=True, text=True, timeout=3600)
-    seconds = time.perf_counter() - t0
-    if res.returncode != 0:
-        raise SystemExit(f"seed {seed}: sefe run failed ({res.returncode}):\n{res.stdout[-3000:]}")
+    seeded = [f"{key}={seed}" for key in ("benchmark.minicoin.seed", "train.seed", "asd.seed")]
+    seconds, _ = sefe_run(runs_root, [f"experiment={exp}", *seeded, *sets], env)
     return seconds, runs_root / exp
 
 
