@@ -4,10 +4,10 @@ Shapes: r=128; q/k/v/o 4096x4096, gate/up 11008x4096 (out x in), down 4096x11008
 decoder layers (7 modules each), `--tasks` earlier tasks' masks of `--percent`% each. In one
 process, with the same factors and masks:
 
-* ours: `sefe_core.reglora.Regularizer` (int32 flat indices as unique + repeats, dense ΔW one
+* ours: `sefe_core.regularizer.Regularizer` (int32 flat indices as unique + repeats, dense ΔW one
   module at a time inside a custom autograd function that keeps int8 signs);
 * reference: dense B @ A per module gathered with int64 (row, col) pairs of all earlier masks
-  concatenated, plain autograd (`reglora.reference_penalty`).
+  concatenated, plain autograd (`regularizer.reference_penalty`).
 
 Reports forward+backward time (median of `--repeats`, alternating), transient peak memory of one
 forward+backward (torch profiler, CPU allocator), mask bytes in memory and per task on disk, the
@@ -35,18 +35,9 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from bench.common import load_average, machine, publish, utc_heading  # noqa: E402
-from sefe_core.reglora import (  # noqa: E402
-    LoraFactors,
-    Mask,
-    MultisetIndex,
-    Regularizer,
-    as_pairs,
-    mask_size,
-    random_mask,
-    reference_penalty,
-    save_mask,
-    topk_mask,
-)
+from sefe_core.adapters import LoraFactors  # noqa: E402
+from sefe_core.mask import Mask, mask_size, random_mask, save_mask, topk_mask  # noqa: E402
+from sefe_core.regularizer import MultisetIndex, Regularizer, as_pairs, reference_penalty  # noqa: E402
 
 SECTION = "## RegLoRA regulariser at LLaVA-7B shapes (issue 3)"
 HIDDEN, INTER, LAYERS_7B = 4096, 11008, 32

@@ -36,9 +36,10 @@ def main() -> None:
 
     import sefe_core.vlm as vlm
     from data_contracts import INSTRUCTIONS
+    from sefe_core.adapters import attach_lora
     from sefe_core.config import load_config
     from sefe_core.prepare import ensure_base_model, ensure_benchmark
-    from sefe_core.train import attach_lora, train_task
+    from sefe_core.train import train_task
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-train-"))
     cfg = load_config(None, [f"runs_root={tmp}"])

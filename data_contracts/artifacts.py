@@ -1,4 +1,4 @@
-"""The artifacts of a SEFE run, one typed record + contract each (DESIGN.md §3)."""
+"""The artifacts of a SEFE run, one typed record + contract each (docs/design.md §3)."""
 
 from __future__ import annotations
 
@@ -8,11 +8,11 @@ from typing import Any
 
 from data_contracts.contract import JSON_OBJECT, RELATIVE_PATH, UNIQUE, Contract, enum
 
-# The five answer styles of ASD plus the grounding-native box style (DESIGN.md §1.1).
+# The five answer styles of ASD plus the grounding-native box style (docs/design.md §1.1).
 STYLES = ("yes_no", "mcq", "short", "brief", "detail", "bbox")
 ORIGINS = ("original", "asd")
 SPLITS = ("train", "val", "test")
-# accuracy/format/content: the forgetting split (DESIGN.md §1.4); reference: accuracy under the
+# accuracy/format/content: the forgetting split (docs/design.md §1.5); reference: accuracy under the
 # reference evaluators' rules (sefe_core.scorers, compat="reference").
 MATRICES = ("accuracy", "format", "content", "reference")
 METRICS = ("MFT", "MFN", "MAA", "BWT")

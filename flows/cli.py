@@ -275,7 +275,7 @@ def eval_(
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from sefe_core.evaluate import evaluate_seen, predictions_path
     from sefe_core.prepare import ensure_base_model, ensure_benchmark
-    from sefe_core.train import stage_model
+    from sefe_core.stage import stage_model
 
     cfg = _config(config, set_)
     bench, base = ensure_benchmark(cfg), ensure_base_model(cfg)
@@ -378,9 +378,24 @@ def asd(config: Path | None = ConfigOpt, set_: list[str] = SetOpt, task: list[st
     )
 
 
-MethodOpt = typer.Option("reglora", "--method", "-m", help="lora, reglora, reglora-random, l1, asd, sefe.")
+MethodOpt = typer.Option("reglora", "--method", "-m", help="A method or variant (`sefe methods` lists them).")
 TaskOpt = typer.Option([], "--task", "-t", help="Train only these tasks (default: all, in order).")
 ExportOpt = typer.Option(None, "--export", help="Also write the merged model after the last task here.")
+
+
+@app.command("methods")
+def list_methods() -> None:
+    """The registered continual methods (sefe_core/methods/) and the variant names built on them."""
+    from sefe_core.methods import ASD_SUFFIX, REGISTRY, SHORTHANDS
+
+    t = Table(
+        "method", "what it adds to a fresh LoRA per task", "saves after a task", title="Continual methods"
+    )
+    for name, m in REGISTRY.items():
+        t.add_row(name, m.summary, m.artifact or "-")
+    console.print(t)
+    short = ", ".join(f"{k} = {v}" for k, v in SHORTHANDS.items())
+    console.print(f"Any method on the ASD output: <method>{ASD_SUFFIX}; shorthands: {short}.")
 
 
 @app.command()
@@ -395,14 +410,17 @@ def train(
     method's penalty; leaves <run_dir>/<method>/task-<name>/{adapter/, mask.safetensors, train.json}.
     Finished tasks are reused; an interrupted task resumes from its last checkpoint."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from sefe_core.methods import uses_asd, variant
     from sefe_core.prepare import ensure_base_model, ensure_benchmark
-    from sefe_core.reglora import METHODS
-    from sefe_core.train import export_merged, run_sequence
+    from sefe_core.stage import export_merged
+    from sefe_core.train import run_sequence
 
     cfg = _config(config, set_)
-    if method not in METHODS:
-        console.print(f"[red]Unknown method {method!r}[/]; known: {', '.join(METHODS)}")
-        raise typer.Exit(2)
+    try:
+        variant(method)
+    except ValueError as e:
+        console.print(f"[red]{e}[/]")
+        raise typer.Exit(2) from None
     if cfg.model.kind == "pretrained" and cfg.train.preset == "minicoin":
         console.print(
             "[yellow]train.preset is 'minicoin' for a pretrained model; set train.preset=reference?[/]"
@@ -416,7 +434,7 @@ def train(
     if unknown or not names:
         console.print(f"[red]Unknown task(s) {unknown}[/]; tasks: {', '.join(bench.tasks)}")
         raise typer.Exit(2)
-    if method in ("asd", "sefe"):  # lora / reglora fed the ASD data of `sefe asd`
+    if uses_asd(method):  # the method fed the ASD data of `sefe asd`
         files = {t: cfg.run_dir / "data" / f"{t}.parquet" for t in names}
         missing = [str(p) for p in files.values() if not p.exists()]
         if missing:

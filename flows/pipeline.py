@@ -1,12 +1,13 @@
-"""The SEFE DAG as Prefect flows. Reads like the algorithm (DESIGN.md §1):
+"""The SEFE DAG as Prefect flows. Reads like the algorithm (docs/design.md §1):
 
     prepare benchmark + base model
     ASD once per task (for the methods fed ASD data)
     for k = 1..T:  for each method (side by side, in worker processes):
-                       train task k -> extract its mask -> evaluate stage k on tasks 1..k
+                       train task k -> what the method saves after it (RegLoRA: the mask)
+                       -> evaluate stage k on tasks 1..k
     a report per method, the comparison report
 
-Every step is a cached Prefect task keyed by the task index (tasks/steps.py), so a rerun of a
+Every step is a cached Prefect task keyed by the task index and `sefe_core.keys`, so a rerun of a
 finished run does no training and no evaluation, and a crashed run resumes at the step that
 crashed (inside it, from the Trainer's last checkpoint).
 
@@ -28,9 +29,9 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from sefe_core import counters, workers
+from sefe_core import counters, keys, workers
 from sefe_core.config import RunConfig
-from sefe_core.methods import check_method, uses_asd
+from sefe_core.methods import uses_asd, variant
 from sefe_core.runlock import run_lock
 from tasks import steps
 from tasks.caching import cached_step, resolve, run_step
@@ -45,9 +46,10 @@ def prepare_dag(cfg: RunConfig, run: Runner = run_step) -> tuple[dict[str, Any],
     from sefe_core.prepare import benchmark_inputs
 
     run_dir, c = cfg.run_dir, cfg.model_dump(mode="json")
-    key = {"benchmark": c["benchmark"], "inputs": benchmark_inputs(cfg)}
-    bench = run(steps.prepare_benchmark, run_dir, 0, key, cfg_json=c)
-    base = run(steps.prepare_base_model, run_dir, 0, {"model": c["model"]}, cfg_json=c)
+    bench = run(
+        steps.prepare_benchmark, run_dir, 0, keys.benchmark_key(cfg, benchmark_inputs(cfg)), cfg_json=c
+    )
+    base = run(steps.prepare_base_model, run_dir, 0, keys.base_key(cfg), cfg_json=c)
     return bench, base
 
 
@@ -56,17 +58,11 @@ def asd_dag(cfg: RunConfig, bench: dict[str, Any], run: Runner = run_step) -> di
     c = cfg.model_dump(mode="json")
     out = {}
     for k, task in enumerate(bench["tasks"], start=1):
-        key = {
-            "asd": c["asd"],
-            "benchmark": cfg.benchmark.name,
-            "task": task,
-            "source": bench["sha256"][task],
-        }
         out[task] = run(
             steps.asd,
             cfg.run_dir,
             k,
-            key,
+            keys.asd_key(cfg, task, bench["sha256"][task]),
             label=task,
             cfg_json=c,
             task=task,
@@ -83,8 +79,9 @@ class MethodRun:
     def __init__(self, cfg: RunConfig, method: str, bench: dict[str, Any], base: dict[str, Any],
                  data: dict[str, dict[str, Any]] | None) -> None:  # fmt: skip
         self.cfg, self.method, self.bench, self.base, self.data = cfg, method, bench, base, data
-        self.uses_masks = check_method(method)[0] == "mask"
-        self.done: list[dict[str, Any]] = []  # per finished task: train + mask results
+        self.saves_after_task = variant(method).method.artifact is not None
+        self.base_id = keys.base_identity(base["path"])
+        self.done: list[dict[str, Any]] = []  # per finished task: train + after-task results
         self.evals: list[Any] = []
 
     def train(self, k: int, task: str, run: Runner) -> Any:
@@ -94,18 +91,9 @@ class MethodRun:
             "path": str(Path(b["dir"]) / f"{task}.parquet"),
             "sha256": b["sha256"][task],
         }
-        # what training task k reads of tasks < k: their adapters, and their masks if penalised
-        priors = [
-            [d["train"]["adapter_sha256"], d["mask"]["sha256"] if self.uses_masks else None]
-            for d in self.done
-        ]
-        key = {
-            "method": self.method,
-            "train": self.cfg.train.key_fields(self.method),
-            "data": src["sha256"],
-            "base": self.base["key"],
-            "priors": priors,
-        }
+        # what training task k reads of tasks < k: their adapters, and what the method saved after them
+        priors = [[d["train"]["adapter_sha256"], d["after"]["sha256"]] for d in self.done]
+        key = keys.train_key(self.cfg.train, self.method, src["sha256"], self.base_id, priors)
         return run(
             steps.train, run_dir, k, key, label=f"{self.method} {task}", cfg_json=self.cfg.model_dump(mode="json"),
             method=self.method, task=task, data=src["path"], image_root=str(Path(b["dir"]) / "images"),
@@ -114,24 +102,23 @@ class MethodRun:
         )  # fmt: skip
 
     def finish(self, k: int, task: str, tr: dict[str, Any], run: Runner) -> None:
-        """Task k is trained: extract its mask, submit the evaluation of stage k on tasks 1..k."""
+        """Task k is trained: save what the method keeps after it (RegLoRA: the mask), submit the
+        evaluation of stage k on tasks 1..k."""
         c, run_dir = self.cfg.model_dump(mode="json"), self.cfg.run_dir
-        mk = run(
-            steps.mask, run_dir, k,
-            {"method": self.method, "mask_percent": self.cfg.train.mask_percent, "seed": self.cfg.train.seed,
-             "adapter": tr["adapter_sha256"]},
-            label=f"{self.method} {task}", cfg_json=c, method=self.method, task_dir=tr["task_dir"],
-        )  # fmt: skip
-        self.done.append({"train": tr, "mask": mk})
+        after: dict[str, Any] = {"sha256": None}
+        if self.saves_after_task:
+            after = run(
+                steps.after_task, run_dir, k, keys.after_task_key(self.cfg.train, self.method, tr["adapter_sha256"]),
+                label=f"{self.method} {task}", cfg_json=c, method=self.method, task_dir=tr["task_dir"],
+            )  # fmt: skip
+        self.done.append({"train": tr, "after": after})
         if self.evals:  # at most one evaluation in flight per method: a failure surfaces within one task
             self.evals[-1] = resolve(self.evals[-1])
-        key = {
-            "method": self.method,
-            "eval": c["eval"],
-            "base": self.base["key"],
-            "adapters": [d["train"]["adapter_sha256"] for d in self.done],
-            "tests": [self.bench["sha256"][t] for t in self.bench["tasks"][:k]],
-        }
+        key = keys.eval_key(
+            self.cfg, self.method, self.base_id,
+            [d["train"]["adapter_sha256"] for d in self.done],
+            [self.bench["sha256"][t] for t in self.bench["tasks"][:k]],
+        )  # fmt: skip
         self.evals.append(
             run(
                 steps.evaluate,
@@ -151,7 +138,7 @@ class MethodRun:
     def report(self, run: Runner) -> dict[str, Any]:
         predictions = [resolve(e)["sha256"] for e in self.evals]
         report = run(
-            steps.method_report, self.cfg.run_dir, 0, {"method": self.method, "predictions": predictions},
+            steps.method_report, self.cfg.run_dir, 0, keys.method_report_key(self.method, predictions),
             label=self.method, method=self.method, tasks=self.bench["tasks"], background=True,
         )  # fmt: skip
         return {"method": self.method, "report": report, "predictions": predictions}
@@ -188,7 +175,7 @@ def pipeline_dag(cfg: RunConfig, run: Runner = run_step) -> dict[str, Any]:
         steps.comparison_report,
         cfg.run_dir,
         0,
-        {"methods": cfg.methods, "reports": [r["predictions"] for r in results]},
+        keys.comparison_key(cfg.methods, [r["predictions"] for r in results]),
         methods=cfg.methods,
         tasks=bench["tasks"],
     )
@@ -237,7 +224,7 @@ def asd_flow(config: RunConfig = RunConfig()) -> dict[str, dict[str, Any]]:  # n
 @flow(name="sefe-continual", log_prints=True, task_runner=RUNNER)
 def continual_flow(config: RunConfig = RunConfig(), method: str = "sefe") -> dict[str, Any]:  # noqa: B008
     """One method over the task sequence (ASD first if the method trains on ASD data)."""
-    check_method(method)
+    variant(method)  # an unknown name fails before anything runs
     workers.start(config.worker_count)
     with run_lock(config.run_dir):
         bench, base = prepare_dag(config)

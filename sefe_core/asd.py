@@ -1,4 +1,4 @@
-"""ASD, Answer Style Diversification (DESIGN.md §1.1): X% of every task's training records are
+"""ASD, Answer Style Diversification (docs/design.md §1.1): X% of every task's training records are
 rewritten, in equal shares, into the answer styles the task does not natively use, so that no
 task teaches a single answer format (the cause of superficial forgetting).
 

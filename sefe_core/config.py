@@ -46,7 +46,7 @@ class ModelConfig(BaseModel):
 
 
 # Default on MiniCoIN: SEFE, its two halves, plain LoRA, and the two controls that show what the
-# top-M% selection itself buys (DESIGN.md §7: report them, whoever wins).
+# top-M% selection itself buys (docs/design.md §1.3: report them, whoever wins).
 DEFAULT_METHODS = ["lora", "asd", "reglora", "sefe", "reglora-random", "l1"]
 
 
@@ -76,11 +76,12 @@ class RunConfig(BaseModel):
     @field_validator("methods")
     @classmethod
     def _known_methods(cls, v: list[str]) -> list[str]:
-        from sefe_core.methods import METHODS
+        from sefe_core.methods import variant
 
-        unknown = [m for m in v if m not in METHODS]
-        if unknown or not v or len(set(v)) != len(v):
-            raise ValueError(f"methods must be distinct names from {sorted(METHODS)}, got {v}")
+        if not v or len(set(v)) != len(v):
+            raise ValueError(f"methods must be a non-empty list of distinct names, got {v}")
+        for name in v:
+            variant(name)  # an unknown name lists the known ones
         return v
 
     @property

@@ -153,7 +153,7 @@ def evaluate_stage_dir(
     """Stage k = len(task_dirs): rebuild it (base + adapters 1..k), answer tasks 1..k, write the
     predictions file. Paths in, numbers out, so it can run in a worker process."""
     from sefe_core.prepare import load_benchmark
-    from sefe_core.train import stage_model
+    from sefe_core.stage import stage_model
 
     bench = load_benchmark(bench_dir)
     model, processor = stage_model(base_path, task_dirs, trust_remote_code=trust_remote_code)

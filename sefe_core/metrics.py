@@ -1,4 +1,4 @@
-"""Continual-learning metrics (DESIGN.md §1.3) and the forgetting split (§1.4).
+"""Continual-learning metrics (docs/design.md §1.4) and the forgetting split (§1.5).
 
 An accuracy matrix ``a`` is T x T: row i is the stage after task i, column j is task j, and only
 cells with j <= i exist (task j is not evaluated before it has been learned). From it:

@@ -67,7 +67,7 @@ def task_spec(benchmark: str, task: str) -> TaskSpec:
 
 
 def _coin_sequence() -> tuple[TaskSpec, ...]:
-    """CoIN's order and evaluators (DESIGN.md §1); MiniCoIN mirrors it one to one."""
+    """CoIN's order and evaluators (docs/design.md §1); MiniCoIN mirrors it one to one."""
     rows = [
         ("scienceqa", "ScienceQA", "mcq", 4),
         ("textvqa", "TextVQA", "short", 6),

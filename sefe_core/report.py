@@ -27,7 +27,7 @@ from sefe_core.evaluate import PREDICTIONS_FILE, method_predictions, run_methods
 from sefe_core.metrics import ForgettingRow, Matrices, build_matrices, forgetting_split, write_matrix_csv  # noqa: E402
 
 REPORT_DIR = "report"
-# Methods in the order a reader compares them (DESIGN.md §2); others follow alphabetically.
+# Methods in the order a reader compares them (docs/design.md §1.3); others follow alphabetically.
 METHOD_ORDER = ("lora", "asd", "reglora", "sefe", "reglora-random", "l1")
 MATRIX_TITLES = {
     "accuracy": "Accuracy (intended scorer rules)",

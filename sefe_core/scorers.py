@@ -32,7 +32,7 @@ grounding    strips brackets then drops the first and     exactly four numbers, 
 textvqa      (no difference; both use EvalAI normalisation and the leave-one-out soft accuracy)
 ============ ============================================ ==========================================
 
-`content_ok` is the lenient half of the forgetting split (DESIGN.md §1.4): is the answer right
+`content_ok` is the lenient half of the forgetting split (docs/design.md §1.5): is the answer right
 once its format is ignored (the option letter or text found anywhere, the short answer contained
 in a sentence, a box found inside other text)? `judge` returns all of it for one prediction.
 """

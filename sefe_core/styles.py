@@ -11,7 +11,7 @@ import re
 
 from sefe_core.registry import MCQ_SUFFIX, SHORT_SUFFIX
 
-# Response-format instructions, in our own words, consistent with CoIN's (DESIGN.md §1.1).
+# Response-format instructions, in our own words, consistent with CoIN's (docs/design.md §1.1).
 STYLE_INSTRUCTIONS: dict[str, str] = {
     "yes_no": "Answer with Yes or No.",
     "mcq": MCQ_SUFFIX,

@@ -37,7 +37,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 
 class TrainConfig(BaseModel):
-    """Per-task training settings. Defaults = the reference setup (CoIN, LLaVA-1.5-7B, DESIGN.md
+    """Per-task training settings. Defaults = the reference setup (CoIN, LLaVA-1.5-7B, docs/design.md
     §1); `preset: minicoin` fills in small values for the tiny model on a CPU. Explicit fields
     always win over the preset."""
 
@@ -68,9 +68,12 @@ class TrainConfig(BaseModel):
     bf16: bool = True
     tf32: bool = True
     gradient_checkpointing: bool = True
-    # RegLoRA
+    # RegLoRA (and the `l1` control): λ and M of the paper, named as in the reference scripts
     reg_lambda: float = Field(2.5e3, ge=0)
     mask_percent: float = Field(2.0, gt=0, le=100)
+    # any other method's own settings, by method name (e.g. {"olora": {"lambda_orth": 0.5}}),
+    # validated by that method (sefe_core/methods/)
+    method_settings: dict[str, dict[str, Any]] = Field(default_factory=dict)
     # bookkeeping (not part of the task's cache key)
     seed: int = 0
     save_steps: int = Field(500, gt=0)
@@ -102,17 +105,18 @@ class TrainConfig(BaseModel):
         return cls(preset="minicoin", **overrides)
 
     def key_fields(self, method: str) -> dict[str, Any]:
-        """The fields that change what `method` learns on a task (its cache key): not paths,
-        logging or saving; not `mask_percent` (it shapes this task's mask, which the mask step
-        keys on, and earlier tasks' masks enter through their files); `reg_lambda` only for the
-        methods with a penalty."""
-        from sefe_core.methods import check_method
+        """The fields that change what `method` learns on a task (its training key): the common
+        learning fields, plus what the method itself reads (sefe_core/methods/: `reg_lambda`
+        for the penalised ones, its `method_settings`). Not paths, logging or saving; not
+        `mask_percent` (it shapes this task's mask, which the after-task step keys on; earlier
+        tasks' masks enter through their digests)."""
+        from sefe_core.methods import method_of
 
         skip = {"preset", "save_steps", "save_total_limit", "logging_steps", "keep_checkpoints"}
-        skip |= {"dataloader_num_workers", "deepspeed", "cpu_threads", "mask_percent"}
-        if check_method(method)[0] == "none":
-            skip.add("reg_lambda")
-        return {k: v for k, v in self.model_dump(mode="json").items() if k not in skip}
+        skip |= {"dataloader_num_workers", "deepspeed", "cpu_threads", "mask_percent", "reg_lambda"}
+        skip |= {"method_settings"}
+        common = {k: v for k, v in self.model_dump(mode="json").items() if k not in skip}
+        return {**common, **method_of(method).key_fields(self)}
 
     def deepspeed_config(self) -> str | None:
         if self.deepspeed is None:

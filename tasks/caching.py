@@ -1,4 +1,4 @@
-"""How every pipeline step is cached (DESIGN.md §4).
+"""How every pipeline step is cached (docs/design.md §5; the keys themselves: sefe_core/keys.py).
 
 A step's cache key = step name + task index + hash of (the config fields that step reads + the
 sha256 of its input artifacts). The flow computes that `key` dict and passes it as a parameter;

@@ -1,7 +1,7 @@
 """The pipeline steps as cached Prefect tasks: thin wrappers over sefe_core.
 
 Each step takes `run_dir`, `k` (task index; 0 for run-level steps), `key` (the config fields it
-reads + its inputs' hashes: the cache key, see tasks/caching.py), then the full run config as
+reads + its inputs' hashes, from sefe_core/keys.py: the cache key), then the full run config as
 JSON. It returns paths + sha256 of what it wrote, which become the `key` inputs of its dependants.
 """
 
@@ -13,7 +13,7 @@ from typing import Any
 from prefect import get_run_logger
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
-from sefe_core import counters
+from sefe_core import counters, keys
 from sefe_core.config import RunConfig
 from sefe_core.workers import run_job
 from tasks.caching import files, sha_of, step
@@ -115,23 +115,31 @@ def train(
     get_run_logger().info(
         "%s task %d (%s): %d steps run, final loss %.4f", method, k, task, res.steps_run, res.final_loss
     )
+    if res.config_hash != keys.digest(key):  # the library keyed the task on other inputs than the flow
+        raise RuntimeError(
+            f"{task_dir}: recorded under key {res.config_hash}, the flow's is {keys.digest(key)}"
+        )
     adapter = res.adapter_dir / "adapter_model.safetensors"
     written = files(adapter)
     return {
         "task_dir": str(task_dir),
+        "key": res.config_hash,
         "adapter_sha256": sha_of(written, adapter),
         "global_step": res.global_step,
         "files": written,
     }
 
 
-@step("mask")
-def mask(run_dir: str, k: int, key: dict, cfg_json: dict, method: str, task_dir: str) -> dict[str, Any]:
-    from sefe_core.train import extract_task_mask
+@step("after-task")
+def after_task(run_dir: str, k: int, key: dict, cfg_json: dict, method: str, task_dir: str) -> dict[str, Any]:
+    """What the method saves after a task for the later ones (RegLoRA: the mask)."""
+    from sefe_core.methods import method_of
 
-    # train_task wrote this task's mask at the settings it ran with; extract_task_mask keeps that
-    # file when the settings still match (a miss here after a train hit: mask_percent changed)
-    path = extract_task_mask(task_dir, _cfg(cfg_json).train, method)
+    # train_task saved it at the settings it ran with, and after_task keeps a file whose settings
+    # still match (a miss here after a train hit: e.g. mask_percent changed)
+    path = method_of(method).after_task(Path(task_dir), _cfg(cfg_json).train)
+    if path is None:
+        return {"path": None, "sha256": None, "files": {}}
     written = files(path)
     return {"path": str(path), "sha256": sha_of(written, path), "files": written}
 

@@ -7,21 +7,11 @@ import re
 import pytest
 import torch
 
-from sefe_core.reglora import (
-    LoraFactors,
-    Mask,
-    MultisetIndex,
-    Regularizer,
-    as_pairs,
-    build_regularizer,
-    extract_mask,
-    load_mask,
-    lora_target_regex,
-    mask_size,
-    random_mask,
-    save_mask,
-    topk_mask,
-)
+from sefe_core.adapters import LoraFactors, lora_factors, lora_target_regex
+from sefe_core.mask import Mask, extract_mask, load_mask, mask_size, random_mask, save_mask, topk_mask
+from sefe_core.methods import REGISTRY
+from sefe_core.regularizer import MultisetIndex, Regularizer, as_pairs, masked_regularizer
+from sefe_core.train_config import TrainConfig
 
 SHAPES = {"layers.0.q_proj": (12, 10), "layers.0.up_proj": (20, 10), "layers.0.down_proj": (10, 20)}
 
@@ -53,7 +43,7 @@ def _overlapping_masks(n_tasks: int = 3, percent: float = 20.0) -> list[Mask]:
 
 
 def _dense_reference(factors: list[LoraFactors], masks: list[Mask]) -> torch.Tensor:
-    """The formula of DESIGN.md §1.2 written out: concatenate all earlier index lists (multiset),
+    """The formula of docs/design.md §1.2 written out: concatenate all earlier index lists (multiset),
     gather from the dense B @ A, |.|, mean per module, mean over modules."""
     terms = []
     for f in factors:
@@ -88,7 +78,7 @@ def test_regularizer_matches_dense_reference_value_and_gradients():
         torch.testing.assert_close(gb, rb, atol=1e-6, rtol=0)
     # the int64 (row, col) formulation of the reference implementation gives the same value
     pairs = {f.name: torch.cat([as_pairs(m.indices[f.name], SHAPES[f.name]) for m in masks]) for f in factors}
-    from sefe_core.reglora import reference_penalty
+    from sefe_core.regularizer import reference_penalty
 
     assert abs(reference_penalty(factors, pairs).item() - ref.item()) < 1e-9
 
@@ -181,7 +171,7 @@ def test_load_mask_rejects_non_masks(tmp_path):
         load_mask(tmp_path / "missing.safetensors")
 
 
-def test_lora_targets_language_model_only_and_only_new_lora_is_penalised(small_run):
+def test_lora_targets_language_model_only_and_only_new_lora_is_penalised(small_run, tmp_path):
     from peft import LoraConfig, get_peft_model
 
     from sefe_core.vlm import load_vlm
@@ -209,12 +199,13 @@ def test_lora_targets_language_model_only_and_only_new_lora_is_penalised(small_r
                 idx[key] = random_mask(shp[key], 5.0, seed=t)
         masks.append(Mask(idx, shp, 5.0, "random"))
     assert set(masks[0].indices) == set(shapes)
-    reg = build_regularizer(peft_model, "reglora", masks)
+    reg = masked_regularizer(lora_factors(peft_model), masks)
     assert reg is not None and reg.mask_nbytes == 4 * sum(
         m.numel() for mk in masks for m in mk.indices.values()
     )
     reg().backward()
     with_grad = {n for n, p in peft_model.named_parameters() if p.grad is not None}
     assert with_grad and all(".lora_A." in n or ".lora_B." in n for n in with_grad)
-    assert build_regularizer(peft_model, "lora", masks) is None
-    assert build_regularizer(peft_model, "reglora", []) is None  # first task: nothing to protect
+    cfg = TrainConfig.minicoin()
+    assert REGISTRY["lora"].penalty(peft_model, [tmp_path], cfg) is None
+    assert REGISTRY["reglora"].penalty(peft_model, [], cfg) is None  # first task: nothing to protect

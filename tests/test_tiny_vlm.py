@@ -96,7 +96,8 @@ def test_shipped_base_reads_its_images() -> None:
 
     model, processor = load_vlm(SHIPPED)
     got = probe(model, processor, n_per_kind=100, seed=7)
-    for kind, v in got.items():  # shipped build: colour 72, shape 67, position 49, count 92, sign 100, box 47 (%)
+    # shipped build: colour 72, shape 67, position 49, count 92, sign 100, box 47 (%)
+    for kind, v in got.items():
         assert v["accuracy"] >= v["chance"] + 0.1, (kind, v)
     assert sum(v["accuracy"] - v["chance"] for v in got.values()) / len(got) >= 0.3, got
 

@@ -16,17 +16,13 @@ import torch
 from pydantic import ValidationError
 
 from data_contracts import INSTRUCTIONS
+from sefe_core.adapters import attach_lora, lora_factors
 from sefe_core.config import RunConfig, load_config
-from sefe_core.reglora import MASK_FILE, Mask, load_mask, lora_factors, mask_size, random_mask
-from sefe_core.train import (
-    TrainConfig,
-    attach_lora,
-    build_trainer,
-    export_merged,
-    extract_task_mask,
-    stage_model,
-    train_task,
-)
+from sefe_core.mask import MASK_FILE, Mask, load_mask, mask_size, random_mask
+from sefe_core.methods import REGISTRY
+from sefe_core.stage import export_merged, stage_model
+from sefe_core.train import TrainConfig, train_task
+from sefe_core.trainer import build_trainer
 from sefe_core.vlm import load_vlm
 
 TASKS = ("01-scienceqa", "03-imagenet")
@@ -87,9 +83,9 @@ def _one_step_grads(base_path, bench, masks, *, batch: int, ga: int, lam: float,
     with torch.no_grad():  # non-zero B, so the penalty has a gradient from the first step
         for f in lora_factors(model):
             f.b.copy_(torch.randn(f.b.shape, generator=g) * 0.05)
-    from sefe_core.reglora import build_regularizer
+    from sefe_core.regularizer import masked_regularizer
 
-    reg = build_regularizer(model, "reglora", masks)
+    reg = masked_regularizer(lora_factors(model), masks)
     grads: dict[str, torch.Tensor] = {}
 
     from transformers import TrainerCallback
@@ -177,18 +173,18 @@ def test_task_directory_reuse_and_staging(small_run, first_task, tmp_path):
 
     # the mask step on its own: keeps the file, recomputes the same mask; the random control differs
     before = (d1 / MASK_FILE).stat().st_mtime_ns
-    assert extract_task_mask(d1, _tiny_cfg(), "reglora") == d1 / MASK_FILE
+    assert REGISTRY["reglora"].after_task(d1, _tiny_cfg()) == d1 / MASK_FILE
     assert (d1 / MASK_FILE).stat().st_mtime_ns == before
-    rnd_path = extract_task_mask(d1, _tiny_cfg(), "reglora-random")  # another kind: rewritten
+    rnd_path = REGISTRY["reglora-random"].after_task(d1, _tiny_cfg())  # another kind: rewritten
     rnd = load_mask(rnd_path)
     assert rnd.kind == "random" and not all(
         torch.equal(rnd.indices[n], mask.indices[n]) for n in mask.indices
     )
-    wider = load_mask(extract_task_mask(d1, _tiny_cfg(mask_percent=5.0), "reglora"))  # another percent
+    wider = load_mask(REGISTRY["reglora"].after_task(d1, _tiny_cfg(mask_percent=5.0)))  # another percent
     assert wider.percent == 5.0 and all(
         wider.indices[n].numel() > mask.indices[n].numel() for n in mask.indices
     )
-    again = load_mask(extract_task_mask(d1, _tiny_cfg(), "reglora"))  # back: the same top-k mask
+    again = load_mask(REGISTRY["reglora"].after_task(d1, _tiny_cfg()))  # back: the same top-k mask
     assert all(torch.equal(again.indices[n], mask.indices[n]) for n in mask.indices)
 
     # task 2 is penalised against task 1's mask
@@ -290,7 +286,7 @@ def test_direct_merge_equals_peft_merge(small_run, first_task):
     """merge_task adds (alpha / r) * B @ A itself; it must give peft's merge_and_unload weights."""
     from peft import PeftModel
 
-    from sefe_core.train import PROJECTOR_FILE, load_projector, merge_task
+    from sefe_core.stage import PROJECTOR_FILE, load_projector, merge_task
 
     _, _, base = small_run
     task_dir = first_task[0].task_dir

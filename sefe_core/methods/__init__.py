@@ -1,0 +1,75 @@
+"""The continual methods, registered by name, and the run variants built from them.
+
+A *variant* is what `methods:` in a run config lists and what names a method's run directory:
+a method trained on one of two data sources (`data: original | asd`, the ASD axis of the paper):
+
+    lora, reglora, reglora-random, l1, olora   a registered method on the original records
+    <method>+asd                               the same method on the ASD output
+    asd = lora+asd, sefe = reglora+asd         the paper's names, kept as shorthands
+
+Adding a method: one module in this package defining a `ContinualMethod` subclass decorated
+with `@register`, and its import below (the registry entry). No torch at import time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from sefe_core.methods.base import ContinualMethod
+
+REGISTRY: dict[str, ContinualMethod] = {}
+
+
+def register(cls: type[ContinualMethod]) -> type[ContinualMethod]:
+    if cls.name in REGISTRY:
+        raise ValueError(f"method {cls.name!r} is registered twice")
+    REGISTRY[cls.name] = cls()
+    return cls
+
+
+# The registry entries: importing a module registers its methods.
+from sefe_core.methods import l1, lora, olora, reglora  # noqa: E402, F401
+
+ASD_SUFFIX = "+asd"
+SHORTHANDS: dict[str, str] = {"asd": "lora+asd", "sefe": "reglora+asd"}
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One entry of `methods:`: a registered method and the data it trains on."""
+
+    name: str
+    method: ContinualMethod
+    data: Literal["original", "asd"]
+
+
+def variant(name: str) -> Variant:
+    full = SHORTHANDS.get(name, name)
+    base, asd = (full[: -len(ASD_SUFFIX)], True) if full.endswith(ASD_SUFFIX) else (full, False)
+    if base not in REGISTRY:
+        known = [*REGISTRY, *SHORTHANDS, *(f"{m}{ASD_SUFFIX}" for m in REGISTRY)]
+        raise ValueError(f"unknown method {name!r}; known: {', '.join(known)}")
+    return Variant(name, REGISTRY[base], "asd" if asd else "original")
+
+
+def method_of(name: str) -> ContinualMethod:
+    """The registered method behind a variant name (`sefe` -> RegLoRA)."""
+    return variant(name).method
+
+
+def uses_asd(name: str) -> bool:
+    """Whether the variant trains on the ASD output instead of the benchmark's original records."""
+    return variant(name).data == "asd"
+
+
+__all__ = [
+    "REGISTRY",
+    "SHORTHANDS",
+    "ContinualMethod",
+    "Variant",
+    "method_of",
+    "register",
+    "uses_asd",
+    "variant",
+]
