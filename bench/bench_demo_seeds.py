@@ -7,6 +7,8 @@ run: wall time; for plain LoRA the numbers the demo's targets are about (every t
 its own training, MFT, BWT). Figures go to BENCHMARKS.md.
 
     python bench/bench_demo_seeds.py [--seeds 0 1 2] [--runs-root DIR] [--set key=value ...]
+    python bench/bench_demo_seeds.py --set "methods=[lora,reglora,olora]" \
+        --runs-root runs/bench-olora --section "## O-LoRA on the embedded default (issue 12)"
 """
 
 from __future__ import annotations
@@ -43,6 +45,9 @@ def main() -> None:
     p.add_argument("--runs-root", type=Path, default=ROOT / "runs" / "bench-seeds")
     p.add_argument("--set", dest="sets", action="append", default=[], help="config override (repeatable)")
     p.add_argument("--no-write", action="store_true", help="print only, do not append to BENCHMARKS.md")
+    p.add_argument(
+        "--section", default="## The embedded default over seeds (issue 11)", help="BENCHMARKS.md section"
+    )
     a = p.parse_args()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
     per_seed: list[dict] = []
@@ -85,9 +90,11 @@ def main() -> None:
     )
     cmd = "python bench/bench_demo_seeds.py --seeds " + " ".join(map(str, a.seeds))
     cmd += "".join(f" --set {shlex.quote(s)}" for s in a.sets)
+    if a.section != p.get_default("section"):
+        cmd += f" --section {shlex.quote(a.section)}"
     entry = f"""{utc_heading()}
 
-Command: `{cmd}`: one cold `sefe run` of the default per seed (benchmark draw, LoRA init/data
+Command: `{cmd}`: one cold `sefe run` per seed (benchmark draw, LoRA init/data
 order and ASD selection seeded; shipped base). Machine: {machine()}. Wall time per run:
 {", ".join(f"{w:.0f} s" for w in walls)} (median {statistics.median(walls):.0f} s). Load after each: {"; ".join(loads)}.
 
@@ -103,7 +110,7 @@ Plain LoRA, each task right after its own training (accuracy %, the diagonal a[j
 | seed | {" | ".join(tasks)} | MFT |
 | --- | {" | ".join("---" for _ in tasks)} | --- |
 {diag_rows}"""
-    publish(entry, "## The embedded default over seeds (issue 11)", write=not a.no_write)
+    publish(entry, a.section, write=not a.no_write)
 
 
 if __name__ == "__main__":

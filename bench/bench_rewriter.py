@@ -34,7 +34,8 @@ from data_contracts import INSTRUCTIONS  # noqa: E402
 from sefe_core.asd import ASDConfig, run_asd  # noqa: E402
 from sefe_core.config import load_config  # noqa: E402
 from sefe_core.prepare import ensure_benchmark  # noqa: E402
-from sefe_core.rewriter import OpenAIRewriter, ServerConfig  # noqa: E402
+from sefe_core.rewriter import ServerConfig  # noqa: E402
+from sefe_core.rewriter_served import OpenAIRewriter  # noqa: E402
 from sefe_core.tiny_vlm import TinyVLMConfig, build_model, build_processor, build_tokenizer, corpus_texts  # noqa: E402
 from tests.test_rewriter_served import Served  # noqa: E402
 

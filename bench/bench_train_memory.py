@@ -79,8 +79,16 @@ def make_task(out: Path, records: int, images: int) -> Path:
         suffix = f" (copy {int(rng.integers(1000))})"
         recs.append(
             InstructionRecord(
-                id=f"r{i:06d}", task=src.task, split="train", image=src.image, question=src.question + suffix,
-                answer=src.answer, style=src.style, origin="original", source_id=src.id, meta=src.meta,
+                id=f"r{i:06d}",
+                task=src.task,
+                split="train",
+                image=src.image,
+                question=src.question + suffix,
+                answer=src.answer,
+                style=src.style,
+                origin="original",
+                source_id=src.id,
+                meta=src.meta,
             )  # fmt: skip
         )
     path = out / "task.parquet"
@@ -115,10 +123,11 @@ def child(mode: str, task: str, image_root: str, res: int, cache: str) -> dict:
     t0 = time.perf_counter()
     with PeakSampler() as s:
         if mode == "in-memory":
-            from sefe_core.train import _samples
+            from data_contracts import INSTRUCTIONS
             from sefe_core.vlm import EncodedDataset
 
-            samples, _ = _samples(task)
+            records = [r for r in INSTRUCTIONS.read_records(task) if r.split == "train"]
+            samples = [{"image": r.image, "question": r.question, "answer": r.answer} for r in records]
             ds = EncodedDataset(samples, collator)
         else:
             from sefe_core.train_data import train_dataset
@@ -158,7 +167,16 @@ def main() -> None:
                 if mode == "in-memory" and res == 336 and n > a.records_336:
                     continue  # 1.35 MB a record: would not fit
                 cache = tmp / f"cache-{res}-{n}"
-                cmd = [sys.executable, __file__, "--child", mode, str(task), str(task.parent / "images"), str(res), str(cache)]
+                cmd = [
+                    sys.executable,
+                    __file__,
+                    "--child",
+                    mode,
+                    str(task),
+                    str(task.parent / "images"),
+                    str(res),
+                    str(cache),
+                ]
                 out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
                 if out.returncode != 0:
                     raise SystemExit(out.stderr[-3000:])
@@ -175,11 +193,15 @@ def main() -> None:
         "One fresh process per row: read the task's train records, encode them, read every item once.",
         "Peak `RssAnon` = the process's own memory; `RssFile` = touched pages of memory-mapped files.",
         "",
-        "| input | records | training data | peak RssAnon MB | peak RssFile MB | RssAnon per record KB | s |",
+        "| input | records | training data | peak RssAnon MB | peak RssFile MB | peak RssAnon / records, KB | s |",
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for res, n, mode, r in rows:
-        label = "records in memory (`EncodedDataset`)" if mode == "in-memory" else "memory-mapped `datasets.Dataset`"
+        label = (
+            "records in memory (`EncodedDataset`)"
+            if mode == "in-memory"
+            else "memory-mapped `datasets.Dataset`"
+        )
         lines.append(
             f"| {res} px | {n:,} | {label} | {r['RssAnon'] / 1024:.0f} | {r['RssFile'] / 1024:.0f} | "
             f"{r['RssAnon'] / n:.1f} | {r['seconds']:.0f} |"

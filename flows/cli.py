@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from pathlib import Path
@@ -177,7 +178,7 @@ def _base_summary(path: Path) -> None:
 
 def _metrics_table(metrics_json: Path) -> None:
     """The methods x metrics table of a comparison report (percent)."""
-    from sefe_core.report import metrics_summary
+    from sefe_core.analysis import metrics_summary
 
     summary = metrics_summary(metrics_json)
     t = Table(
@@ -270,44 +271,92 @@ def eval_(
     method: list[str] = EvalMethodOpt, config: Path | None = ConfigOpt, set_: list[str] = SetOpt
 ) -> None:
     """Evaluate every trained stage of the methods in the run directory (after task k: tasks
-    1..k) into <run_dir>/<method>/task-<name>/predictions.parquet. Stages whose predictions are
-    newer than their adapter are kept; `sefe report` then builds the report."""
+    1..k) into <run_dir>/<method>/task-<name>/predictions.parquet: the evaluation steps of the
+    pipeline's DAG, run here. Stages evaluated under the same key (sefe_core/keys.py: eval
+    settings, base, adapters 1..k, test records) are kept; `sefe report` then builds the report."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from sefe_core.evaluate import evaluate_seen, predictions_path
-    from sefe_core.prepare import ensure_base_model, ensure_benchmark
-    from sefe_core.stage import stage_model
+    from flows.pipeline import MethodRun, asd_dag, prepare_dag
+    from sefe_core.methods import uses_asd
+    from sefe_core.progress import quiet_libraries
+    from tasks.caching import NotCached, cached_step
 
-    cfg = _config(config, set_)
-    bench, base = ensure_benchmark(cfg), ensure_base_model(cfg)
+    cfg = _local(_config(config, set_))
+    quiet_libraries()
     methods = method or [m for m in cfg.methods if (cfg.run_dir / m).is_dir()]
     if not methods:
         console.print(f"[red]Nothing trained under {cfg.run_dir}[/]: run `sefe train` or `sefe run` first.")
         raise typer.Exit(2)
+    runner, ran = _recording_runner()
+    bench, base = prepare_dag(cfg, runner)
     t = Table("method", "stage", "task", "predictions", "mean score", "")
     for m in methods:
-        dirs = [cfg.run_dir / m / f"task-{task}" for task in bench.tasks]
-        trained = 0
-        while trained < len(dirs) and (dirs[trained] / "train.json").exists():
-            trained += 1
-        if not trained:
-            console.print(f"[yellow]{m}: no finished task under {cfg.run_dir / m}[/]")
-        for k in range(1, trained + 1):
-            out = predictions_path(cfg.run_dir, m, bench.tasks[k - 1])
-            adapter = dirs[k - 1] / "adapter" / "adapter_model.safetensors"
-            if out.exists() and out.stat().st_mtime_ns > adapter.stat().st_mtime_ns:
-                t.add_row(m, str(k), bench.tasks[k - 1], str(out), "", "kept")
-                continue
-            with console.status(f"{m}: evaluating stage {k} on tasks 1..{k}..."):
-                model, processor = stage_model(
-                    base.path, dirs[:k], trust_remote_code=cfg.model.trust_remote_code
-                )
-                preds = evaluate_seen(
-                    model, processor, bench, m, k, out_path=out, batch_size=cfg.eval.batch_size
-                )
-            mean = sum(p.score for p in preds) / max(len(preds), 1)
-            t.add_row(m, str(k), bench.tasks[k - 1], str(out), f"{mean:.3f}", "")
+        try:
+            data = asd_dag(cfg, bench, cached_step) if uses_asd(m) else None
+        except NotCached:
+            data = None
+        r = MethodRun(cfg, m, bench, base, data)
+        for k, task in enumerate(bench["tasks"], start=1):
+            try:  # a stage is trained when its train step's result is stored (by `sefe train`/`run`)
+                tr = r.train(k, task, cached_step) if data is not None or not uses_asd(m) else None
+            except NotCached:
+                tr = None
+            if tr is None:
+                if k == 1:
+                    console.print(f"[yellow]{m}: no finished task under {cfg.run_dir / m}[/]")
+                break
+            r.after_task(k, task, tr, runner)
+            with console.status(f"{m}: stage {k} on tasks 1..{k}..."):
+                r.evaluate(k, task, runner)
+            out = r.evals[-1]
+            kept = ran[-1] == ("evaluate", k, True)
+            mean = "" if kept else f"{_mean_score(out['path']):.3f}"
+            t.add_row(m, str(k), task, out["path"], mean, "kept" if kept else "")
     console.print(t)
     console.print("Next: [bold]sefe report[/] builds the accuracy matrices, metrics and plots.")
+
+
+def _local(cfg):
+    """CLI commands run their steps in this process unless the config asks for worker processes."""
+    return cfg if cfg.workers is not None else cfg.model_copy(update={"workers": 0})
+
+
+def _recording_runner():
+    """`local_step`, noting per call (step, k, whether its stored result was reused)."""
+    from tasks.caching import NotCached, cached_step, local_step
+
+    ran: list[tuple[str, int, bool]] = []
+
+    def run(t, run_dir, k, key, **kwargs):
+        try:
+            out = cached_step(t, run_dir, k, key)
+            ran.append((t.name, k, True))
+            return out
+        except NotCached:
+            ran.append((t.name, k, False))
+            return local_step(t, run_dir, k, key, **kwargs)
+
+    _log_to_console()
+    return run, ran
+
+
+def _log_to_console() -> None:
+    """The steps' log lines (what a flow shows in Prefect's log) on the console."""
+    import logging
+
+    from rich.logging import RichHandler
+
+    log = logging.getLogger("sefe")
+    if not log.handlers:
+        log.addHandler(RichHandler(console=console, show_path=False, show_time=False))
+        log.setLevel(logging.INFO)
+        log.propagate = False  # not a second time through Prefect's console handler
+
+
+def _mean_score(predictions: str) -> float:
+    import pyarrow.parquet as pq
+
+    scores = pq.read_table(predictions, columns=["score"]).column("score").to_pylist()
+    return sum(scores) / max(len(scores), 1)
 
 
 AsdTaskOpt = typer.Option([], "--task", "-t", help="Only this task (repeatable); default: all.")
@@ -379,7 +428,7 @@ def asd(config: Path | None = ConfigOpt, set_: list[str] = SetOpt, task: list[st
 
 
 MethodOpt = typer.Option("reglora", "--method", "-m", help="A method or variant (`sefe methods` lists them).")
-TaskOpt = typer.Option([], "--task", "-t", help="Train only these tasks (default: all, in order).")
+UntilOpt = typer.Option(None, "--until", "-u", help="Train the sequence up to this task (default: all).")
 ExportOpt = typer.Option(None, "--export", help="Also write the merged model after the last task here.")
 
 
@@ -401,21 +450,23 @@ def list_methods() -> None:
 @app.command()
 def train(
     method: str = MethodOpt,
-    tasks: list[str] = TaskOpt,
+    until: str | None = UntilOpt,
     export: Path | None = ExportOpt,
     config: Path | None = ConfigOpt,
     set_: list[str] = SetOpt,
 ) -> None:
     """Continual training: one fresh LoRA per task on the model holding the earlier tasks, with the
-    method's penalty; leaves <run_dir>/<method>/task-<name>/{adapter/, mask.safetensors, train.json}.
-    Finished tasks are reused; an interrupted task resumes from its last checkpoint."""
+    method's penalty (ASD first for a method on ASD data): the training steps of the pipeline's
+    DAG, run here, without evaluation. Leaves <run_dir>/<method>/task-<name>/{adapter/, train.json,
+    ...}; finished tasks are reused, an interrupted task resumes from its last checkpoint."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from flows.pipeline import MethodRun, asd_dag, prepare_dag
     from sefe_core.methods import uses_asd, variant
-    from sefe_core.prepare import ensure_base_model, ensure_benchmark
+    from sefe_core.progress import quiet_libraries
+    from sefe_core.runlock import RunDirectoryBusy, run_lock
     from sefe_core.stage import export_merged
-    from sefe_core.train import run_sequence
 
-    cfg = _config(config, set_)
+    cfg = _local(_config(config, set_))
     try:
         variant(method)
     except ValueError as e:
@@ -425,46 +476,37 @@ def train(
         console.print(
             "[yellow]train.preset is 'minicoin' for a pretrained model; set train.preset=reference?[/]"
         )
+    quiet_libraries()
     t0 = time.perf_counter()
-    with console.status("Preparing the benchmark and the base model..."):
-        bench = ensure_benchmark(cfg)
-        base = ensure_base_model(cfg)
-    names = [t for t in bench.tasks if not tasks or t in tasks]
-    unknown = sorted(set(tasks) - set(bench.tasks))
-    if unknown or not names:
-        console.print(f"[red]Unknown task(s) {unknown}[/]; tasks: {', '.join(bench.tasks)}")
-        raise typer.Exit(2)
-    if uses_asd(method):  # the method fed the ASD data of `sefe asd`
-        files = {t: cfg.run_dir / "data" / f"{t}.parquet" for t in names}
-        missing = [str(p) for p in files.values() if not p.exists()]
-        if missing:
-            console.print(f"[red]{method} trains on ASD data; run `sefe asd` first.[/] Missing: {missing[0]}")
-            raise typer.Exit(2)
-    else:
-        files = {t: bench.task_file(t) for t in names}
-    console.rule(f"[bold]Training {method}: {len(names)} tasks")
-    table = Table("task", "steps", "run now", "samples", "final loss", "s", "", title=f"{method}")
-
-    def done(name, res) -> None:
-        how = (
-            "reused" if res.reused else (f"resumed {Path(res.resumed_from).name}" if res.resumed_from else "")
-        )
-        table.add_row(
-            name, str(res.global_step), str(res.steps_run), str(res.train_samples),
-            f"{res.final_loss:.3f}", f"{res.seconds:.1f}", how,
-        )  # fmt: skip
-        console.print(
-            f"{name}: {res.steps_run} steps in {res.seconds:.1f} s, loss {res.final_loss:.3f} {how}"
-        )
-
-    results = run_sequence(
-        method, base.path, files, bench.image_root, cfg.run_dir, cfg.train,
-        trust_remote_code=cfg.model.trust_remote_code, progress=True, on_task_end=done,
-    )  # fmt: skip
+    runner, ran = _recording_runner()
+    try:
+        with run_lock(cfg.run_dir):
+            with console.status("Preparing the benchmark and the base model..."):
+                bench, base = prepare_dag(cfg, runner)
+            if until is not None and until not in bench["tasks"]:
+                console.print(f"[red]Unknown task {until!r}[/]; tasks: {', '.join(bench['tasks'])}")
+                raise typer.Exit(2)
+            names = bench["tasks"][: bench["tasks"].index(until) + 1] if until else bench["tasks"]
+            data = asd_dag(cfg, bench, runner) if uses_asd(method) else None
+            console.rule(f"[bold]Training {method}: {len(names)} tasks")
+            r = MethodRun(cfg, method, bench, base, data)
+            table = Table("task", "steps", "samples", "final loss", "", title=method)
+            for k, task in enumerate(names, start=1):
+                tr = r.train(k, task, runner)
+                r.after_task(k, task, tr, runner)
+                info = json.loads((Path(tr["task_dir"]) / "train.json").read_text())
+                reused = next(kept for name, i, kept in reversed(ran) if name == "train" and i == k)
+                table.add_row(
+                    task, str(info["global_step"]), str(info["train_samples"]), f"{info['final_loss']:.3f}",
+                    "reused" if reused else f"trained in {info['seconds']:.1f} s",
+                )  # fmt: skip
+    except RunDirectoryBusy as e:
+        console.print(f"[red]{e}[/]")
+        raise typer.Exit(1) from None
     console.print(table)
     if export is not None:
         with console.status(f"Writing the merged model after {names[-1]}..."):
-            export_merged(base.path, [r.task_dir for r in results], export)
+            export_merged(base["path"], [d["train"]["task_dir"] for d in r.done], export)
         console.print(f"Merged model -> [bold]{export}[/]")
     console.print(
         f"Done in {time.perf_counter() - t0:.0f} s. Outputs under [bold]{cfg.run_dir / method}[/]/task-<name>/"

@@ -102,8 +102,12 @@ class MethodRun:
         )  # fmt: skip
 
     def finish(self, k: int, task: str, tr: dict[str, Any], run: Runner) -> None:
-        """Task k is trained: save what the method keeps after it (RegLoRA: the mask), submit the
-        evaluation of stage k on tasks 1..k."""
+        """Task k is trained: save what the method keeps after it, evaluate stage k."""
+        self.after_task(k, task, tr, run)
+        self.evaluate(k, task, run)
+
+    def after_task(self, k: int, task: str, tr: dict[str, Any], run: Runner) -> None:
+        """Save what the method keeps after task k for the later ones (RegLoRA: the mask)."""
         c, run_dir = self.cfg.model_dump(mode="json"), self.cfg.run_dir
         after: dict[str, Any] = {"sha256": None}
         if self.saves_after_task:
@@ -112,6 +116,10 @@ class MethodRun:
                 label=f"{self.method} {task}", cfg_json=c, method=self.method, task_dir=tr["task_dir"],
             )  # fmt: skip
         self.done.append({"train": tr, "after": after})
+
+    def evaluate(self, k: int, task: str, run: Runner) -> None:
+        """Submit the evaluation of stage k (tasks 1..k trained) on tasks 1..k."""
+        c, run_dir = self.cfg.model_dump(mode="json"), self.cfg.run_dir
         if self.evals:  # at most one evaluation in flight per method: a failure surfaces within one task
             self.evals[-1] = resolve(self.evals[-1])
         key = keys.eval_key(
@@ -251,7 +259,7 @@ def report_flow(config: RunConfig = RunConfig()) -> dict[str, Any]:  # noqa: B00
 
 def _publish(comparison: dict[str, Any]) -> None:
     """The methods x metrics table and the report as Prefect artifacts (shown in the UI)."""
-    from sefe_core.report import metrics_summary
+    from sefe_core.analysis import metrics_summary
 
     summary = metrics_summary(comparison["metrics"])
     rows = []

@@ -48,30 +48,28 @@ from data_contracts import (
     sha256_file,
     write_json,
 )
-from sefe_core import minicoin
 from sefe_core.failpoints import failpoint
 from sefe_core.hashing import config_hash, stable_seed
-from sefe_core.minicoin import LETTERS
-from sefe_core.registry import (
-    GROUNDING_PREFIX,
-    MCQ_SUFFIX,
-    SHORT_SUFFIX,
-    UNANSWERABLE_SUFFIX,
-    benchmark_tasks,
-    task_spec,
-)
+from sefe_core.registry import benchmark_tasks, task_spec
 from sefe_core.rewriter import (
     Material,
     Rejection,
     Rewriter,
     RewriteRequest,
     RewriterError,
-    RulesRewriter,
     ServerConfig,
     make_rewriter,
     validate_material,
 )
-from sefe_core.styles import STYLE_INSTRUCTIONS, format_ok
+from sefe_core.scenes import LETTERS
+from sefe_core.styles import (
+    GROUNDING_PREFIX,
+    MCQ_SUFFIX,
+    SHORT_SUFFIX,
+    STYLE_INSTRUCTIONS,
+    UNANSWERABLE_SUFFIX,
+    format_ok,
+)
 
 log = logging.getLogger(__name__)
 
@@ -461,37 +459,3 @@ def _finished(manifest_path: Path, key: str) -> dict | None:
         shards_reused=m["shards"],
         backend=m["backend"],
     )
-
-
-# --------------------------------------------------------------------------------------------
-# Text ASD writes, for the tiny model's tokenizer
-# --------------------------------------------------------------------------------------------
-def sample_texts(n_per_task: int = 40) -> list[str]:
-    """Questions and answers the rules backend writes for in-memory MiniCoIN samples, every
-    target style of every task, both yes/no outcomes: the tiny model's word-level tokenizer is
-    built over them so that no ASD row holds an unknown word."""
-    texts = list(STYLE_INSTRUCTIONS.values()) + ["Yes No"]
-    rules = RulesRewriter(0)
-    for spec in benchmark_tasks("minicoin"):
-        rng = np.random.default_rng(stable_seed("asd-sample-texts", spec.name))
-        for i in range(n_per_task):
-            _, q, a, meta = minicoin.GENERATORS[spec.scorer](rng)
-            rid = f"{spec.name}-sample-{i:05d}"
-            rec = InstructionRecord(
-                rid,
-                spec.name,
-                "train",
-                "sample.png",
-                q,
-                a,
-                spec.native_style,
-                "original",
-                rid,
-                json.dumps(meta),
-            )
-            for style in target_styles(spec.native_style):
-                req = build_request(rec, style, spec.scorer, spec.native_style)
-                for seed in (0, 1):
-                    rows, _ = convert([req], rules.rewrite([req], Path(".")), seed, rules.name)
-                    texts += [t for r in rows for t in (r.question, " " + r.answer)]
-    return texts

@@ -39,8 +39,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from data_contracts import INSTRUCTIONS, REJECTS, FileInfo, InstructionRecord, RejectRecord
 from sefe_core.hashing import stable_seed
-from sefe_core.registry import COIN_TASKS, MCQ_SUFFIX, SHORT_SUFFIX, TaskSpec
-from sefe_core.styles import BRIEF_WORDS, MCQ_RE, SHORT_MAX_WORDS, parse_box
+from sefe_core.kinds import get_kind
+from sefe_core.registry import COIN_TASKS, TaskSpec
+from sefe_core.styles import BRIEF_WORDS, MCQ_RE, MCQ_SUFFIX, SHORT_MAX_WORDS, SHORT_SUFFIX, parse_box
 
 LETTERS = "ABCDE"
 REJECT_STEP = "load"
@@ -120,11 +121,8 @@ class CoINConfig(BaseModel):
         return self.root_path / ANNOTATIONS_DIR / spec.coin_name / name
 
     def ground_truth_file(self, spec: TaskSpec) -> Path | None:
-        rel = {
-            "scienceqa": self.scienceqa_problems,
-            "textvqa": self.textvqa_val,
-            "gqa": self.gqa_questions,
-        }.get(spec.scorer)
+        field_name = get_kind(spec.scorer).coin.truth_field  # e.g. scienceqa_problems
+        rel = getattr(self, field_name) if field_name else None
         return None if rel is None else self.resolve(rel)
 
 
@@ -201,21 +199,17 @@ def load_ground_truth(spec: TaskSpec, cfg: CoINConfig) -> dict[str, Any] | None:
     path = cfg.ground_truth_file(spec)
     if path is None:
         return None
+    adapter = get_kind(spec.scorer).coin
     if not path.is_file():
-        field_name = {"scienceqa": "scienceqa_problems", "textvqa": "textvqa_val", "gqa": "gqa_questions"}
         raise CoINError(
             f"{path}: {spec.coin_name} ground truth not found; set benchmark.coin."
-            f"{field_name[spec.scorer]} to its path, or to null to score the test records' own 'answer'"
+            f"{adapter.truth_field} to its path, or to null to score the test records' own 'answer'"
         )
     data = _load_json(path, f"{spec.coin_name} ground truth")
-    if spec.scorer == "textvqa":
-        rows = data.get("data") if isinstance(data, dict) else None
-        if not isinstance(rows, list):
-            raise CoINError(f"{path}: TextVQA ground truth must be an object with a 'data' list")
-        return {str(r["question_id"]): r for r in rows if isinstance(r, dict) and "question_id" in r}
-    if not isinstance(data, dict):
-        raise CoINError(f"{path}: {spec.coin_name} ground truth must be a JSON object keyed by question id")
-    return {str(k): v for k, v in data.items()}
+    try:
+        return adapter.table(data)  # the kind's file layout -> {question id: entry}
+    except ValueError as e:
+        raise CoINError(f"{path}: {spec.coin_name} {e}") from None
 
 
 def majority_answer(answers: list[str]) -> str:
@@ -238,7 +232,8 @@ def parse_options(question: str) -> list[str]:
     return []
 
 
-def _box(value: Any) -> list[float] | None:
+def coin_box(value: Any) -> list[float] | None:
+    """A box as CoIN writes one: four numbers, as a list or a (bracketed) string."""
     if isinstance(value, list | tuple) and len(value) == 4:
         try:
             return [float(v) for v in value]
@@ -249,7 +244,8 @@ def _box(value: Any) -> list[float] | None:
     return None
 
 
-def _size(value: Any) -> list[int] | None:
+def coin_size(value: Any) -> list[int] | None:
+    """An image size [width, height] as CoIN writes one."""
     if isinstance(value, list | tuple) and len(value) == 2 and all(isinstance(v, int | float) for v in value):
         return [int(v) for v in value]
     return None
@@ -258,51 +254,15 @@ def _size(value: Any) -> list[int] | None:
 def ground_truth_of(
     spec: TaskSpec, rec: dict[str, Any], qid: str, question: str, table: dict | None
 ) -> Truth | str:
-    """The ground truth of one test record, or the reason there is none."""
-    key = spec.scorer
-    if key == "scienceqa" and table is not None:
-        prob = table.get(qid)
-        if not isinstance(prob, dict) or not isinstance(prob.get("answer"), int):
-            return f"no ground truth: question_id {qid!r} not in ScienceQA problems"
-        choices = [str(c) for c in prob.get("choices", [])]
-        idx = prob["answer"]
-        if not 0 <= idx < min(len(choices), len(LETTERS)):
-            return f"no ground truth: ScienceQA answer index {idx} outside its {len(choices)} choices"
-        return Truth(LETTERS[idx], {"options": choices, "answer_index": idx, "answer_text": choices[idx]})
-    if key == "textvqa" and table is not None:
-        row = table.get(qid)
-        answers = row.get("answers") if isinstance(row, dict) else None
-        if not isinstance(answers, list) or not answers or not all(isinstance(a, str) for a in answers):
-            return f"no ground truth: question_id {qid!r} has no answers in the TextVQA val file"
-        return Truth(majority_answer(answers), {"answers": answers})
-    if key == "gqa" and table is not None:
-        row = table.get(qid)
-        ans = row.get("answer") if isinstance(row, dict) else None
-        if not isinstance(ans, str) or not ans.strip():
-            return f"no ground truth: question_id {qid!r} not in the GQA questions file"
-        return Truth(ans.strip(), {})
-    if key == "grounding":
-        box = _box(rec.get("answer_bbox"))
-        if box is None:
-            return "no ground truth: grounding record without a valid answer_bbox"
-        meta: dict[str, Any] = {"box": box}
-        size = _size(rec.get("size"))
-        if size is not None:
-            meta["image_size"] = size
-        raw = rec["answer_bbox"]
-        return Truth(
-            raw.strip() if isinstance(raw, str) else "[" + ", ".join(f"{v:g}" for v in box) + "]", meta
-        )
+    """The ground truth of one test record, or the reason there is none: the task kind's own
+    (its CoIN adapter: a ground-truth file, a box field), else the record's `answer`."""
+    own = get_kind(spec.scorer).coin.truth
+    truth = own(rec, qid, question, table) if own is not None else None
+    if truth is not None:
+        return truth
     ans = rec.get("answer")
     if not isinstance(ans, str) or not ans.strip():
         return "no ground truth: test record has no 'answer'"
-    if key == "scienceqa":  # problems file switched off: a letter answer, options from the question
-        options = parse_options(question)
-        letter = ans.strip().rstrip(".")
-        if letter not in LETTERS[: len(options)]:
-            return f"no ground truth: ScienceQA answer {ans!r} is not the letter of an option"
-        i = LETTERS.index(letter)
-        return Truth(letter, {"options": options, "answer_index": i, "answer_text": options[i]})
     return Truth(ans.strip(), {})
 
 
@@ -445,10 +405,9 @@ def _train_record(
     meta: dict[str, Any] = {"coin_id": cid}
     if size is not None:
         meta["image_size"] = size
-    if spec.scorer == "grounding" and (box := parse_box(answer)) is not None:
-        meta["box"] = box
-    if spec.scorer == "scienceqa":
-        meta.update(_scienceqa_train_meta(question, answer, cid, problems))
+    train_meta = get_kind(spec.scorer).coin.train_meta
+    if train_meta is not None:  # e.g. ScienceQA's options and solution, Grounding's box
+        meta.update(train_meta(question, answer, cid, problems))
     return InstructionRecord(
         id=f"{spec.name}-train-{cid}",
         task=spec.name,
@@ -463,24 +422,6 @@ def _train_record(
     )
 
 
-def _scienceqa_train_meta(question: str, answer: str, cid: str, problems: dict | None) -> dict[str, Any]:
-    """Options, answer index/text and the solution (ASD's rules backend explains from it)."""
-    meta: dict[str, Any] = {}
-    prob = problems.get(cid) if problems else None
-    options = parse_options(question)
-    if isinstance(prob, dict):
-        options = [str(c) for c in prob.get("choices", [])] or options
-        if isinstance(prob.get("solution"), str) and prob["solution"].strip():
-            meta["solution"] = prob["solution"].strip()
-    letter = answer.strip().rstrip(".")
-    if options:
-        meta["options"] = options
-        if letter in LETTERS[: len(options)]:
-            i = LETTERS.index(letter)
-            meta.update(answer_index=i, answer_text=options[i])
-    return meta
-
-
 def _test_record(
     spec: TaskSpec, rec: Any, images: _ImageChecker, table: dict | None
 ) -> InstructionRecord | str:
@@ -493,9 +434,9 @@ def _test_record(
     if not isinstance(text, str) or not strip_image_token(text):
         return "malformed record: no question 'text'"
     question = strip_image_token(text)
-    if spec.scorer == "scienceqa" and MCQ_SUFFIX not in question:
-        # the reference evaluation appends it (model_science_qa --single-pred-prompt)
-        question = f"{question}\n{MCQ_SUFFIX}"
+    as_asked = get_kind(spec.scorer).coin.test_question
+    if as_asked is not None:  # as the reference evaluation asks it (ScienceQA: + its suffix)
+        question = as_asked(question)
     image = _image_path(rec)
     if image is None:
         return f"malformed record: 'image' must be a relative path, got {rec.get('image')!r:.80}"

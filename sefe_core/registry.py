@@ -1,4 +1,5 @@
-"""Task registry: each task of a continual sequence, with its native answer style and scorer.
+"""Task registry: each task of a continual sequence, with its kind (sefe_core/kinds/: native
+answer style, scorers, generator, CoIN adapter).
 
 MiniCoIN registers its eight tasks here; the real CoIN loaders register theirs under the same
 scorer names, so evaluation code never branches on which benchmark it is looking at.
@@ -9,23 +10,19 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from data_contracts import STYLES
+from sefe_core.kinds import KINDS
 
-# CoIN's response-format instructions (LLaVA-1.5 evaluation prompts); MiniCoIN uses the same.
-SHORT_SUFFIX = "Answer the question using a single word or phrase."
-MCQ_SUFFIX = "Answer with the option's letter from the given choices directly."
-UNANSWERABLE_SUFFIX = "When the provided information is insufficient, respond with 'Unanswerable'."
-GROUNDING_PREFIX = "Please provide the bounding box coordinate of the region this sentence describes:"
-
-# Scorer names implemented by the evaluation module (one per CoIN evaluator).
-SCORERS = ("scienceqa", "textvqa", "imagenet", "gqa", "vizwiz", "grounding", "vqav2", "ocrvqa")
+# The task kinds (sefe_core/kinds/), in CoIN's order: a task spec's `scorer` names one.
+SCORERS = tuple(KINDS)
 
 
 @dataclass(frozen=True)
 class TaskSpec:
     """What the pipeline needs to know about one task of a sequence.
 
-    `name` is the run-directory name (`03-imagenet`), `coin_name` the CoIN dataset it mirrors,
-    `max_new_tokens` the generation budget for its native answers.
+    `name` is the run-directory name (`03-imagenet`), `scorer` the key of its task kind
+    (`get_kind(spec.scorer)`), `coin_name` the CoIN dataset it mirrors, `max_new_tokens` the
+    generation budget for its native answers.
     """
 
     name: str
@@ -67,20 +64,10 @@ def task_spec(benchmark: str, task: str) -> TaskSpec:
 
 
 def _coin_sequence() -> tuple[TaskSpec, ...]:
-    """CoIN's order and evaluators (docs/design.md §1); MiniCoIN mirrors it one to one."""
-    rows = [
-        ("scienceqa", "ScienceQA", "mcq", 4),
-        ("textvqa", "TextVQA", "short", 6),
-        ("imagenet", "ImageNet", "short", 6),
-        ("gqa", "GQA", "short", 6),
-        ("vizwiz", "VizWiz", "short", 6),
-        ("grounding", "Grounding", "bbox", 24),
-        ("vqav2", "VQAv2", "short", 6),
-        ("ocrvqa", "OCRVQA", "short", 8),
-    ]
+    """CoIN's order and evaluators (docs/design.md §1), one task per kind; MiniCoIN mirrors it."""
     return tuple(
-        TaskSpec(name=f"{i:02d}-{key}", coin_name=coin, native_style=style, scorer=key, max_new_tokens=mnt)
-        for i, (key, coin, style, mnt) in enumerate(rows, start=1)
+        TaskSpec(f"{i:02d}-{k.key}", k.coin_name, k.native_style, k.key, k.max_new_tokens)
+        for i, k in enumerate(KINDS.values(), start=1)
     )
 
 

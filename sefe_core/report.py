@@ -1,5 +1,6 @@
-"""Run report: matrices, metrics and the superficial / essential forgetting split, as markdown,
-PNG plots (matplotlib, Agg), CSV matrices, metrics.json and a metrics Parquet table.
+"""Run report: matrices, metrics and the superficial / essential forgetting split (computed by
+`analysis.py`), rendered as markdown, PNG plots (matplotlib, Agg), CSV matrices, metrics.json and
+a metrics Parquet table.
 
 Per method: `<run_dir>/<method>/report/` (its matrices, metrics, per-task forgetting).
 Comparison: `<run_dir>/report/` (methods x metrics table, metrics side by side, forgetting split per
@@ -9,9 +10,7 @@ number is computed from the methods' `predictions.parquet` files, which the repo
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,13 +21,11 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
-from data_contracts import METRIC_TABLE, METRICS, MetricRecord, atomic_path, write_json  # noqa: E402
-from sefe_core.evaluate import PREDICTIONS_FILE, method_predictions, run_methods  # noqa: E402
-from sefe_core.metrics import ForgettingRow, Matrices, build_matrices, forgetting_split, write_matrix_csv  # noqa: E402
+from data_contracts import METRIC_TABLE, METRICS, atomic_path, write_json  # noqa: E402
+from sefe_core.analysis import REPORT_DIR, MethodReport, analyse_method, metric_records, ordered_methods  # noqa: E402
+from sefe_core.evaluate import PREDICTIONS_FILE, run_methods  # noqa: E402
+from sefe_core.metrics import write_matrix_csv  # noqa: E402
 
-REPORT_DIR = "report"
-# Methods in the order a reader compares them (docs/design.md §1.3); others follow alphabetically.
-METHOD_ORDER = ("lora", "asd", "reglora", "sefe", "reglora-random", "l1")
 MATRIX_TITLES = {
     "accuracy": "Accuracy (intended scorer rules)",
     "content": "Content right (format ignored)",
@@ -62,15 +59,6 @@ def _pct(v: float | None, signed: bool = False) -> str:
     return f"{100 * v:+.2f}" if signed else f"{100 * v:.2f}"
 
 
-def _json_matrix(a: np.ndarray) -> list[list[float | None]]:
-    return [[None if np.isnan(v) else float(v) for v in row] for row in a]
-
-
-def ordered_methods(methods: Sequence[str]) -> list[str]:
-    known = [m for m in METHOD_ORDER if m in methods]
-    return known + sorted(m for m in methods if m not in METHOD_ORDER)
-
-
 def _save(fig: Figure, path: Path) -> Path:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
@@ -93,53 +81,6 @@ def _md_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 # --------------------------------------------------------------------------------------------
 # One method
 # --------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class MethodReport:
-    method: str
-    matrices: Matrices
-    metrics: dict[str, dict[str, float | None]]
-    forgetting: list[ForgettingRow]
-    forgetting_mean: dict[str, float | None]
-    prediction_files: list[str]
-    dir: Path
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "method": self.method,
-            "tasks": list(self.matrices.tasks),
-            "stages": len(self.matrices.tasks),
-            "complete": self.matrices.complete,
-            "samples_per_cell": self.matrices.counts.tolist(),
-            "matrices": {k: _json_matrix(v) for k, v in self.matrices.values.items()},
-            "metrics": self.metrics,
-            "forgetting": {
-                "per_task": [asdict(r) | {"superficial_share": r.superficial_share} for r in self.forgetting],
-                "mean": self.forgetting_mean,
-            },
-            "predictions": self.prediction_files,
-        }
-
-
-def _forgetting_mean(rows: list[ForgettingRow]) -> dict[str, float | None]:
-    keys = ("drop", "lost", "gained", "superficial", "essential", "essential_format_lost")
-    if not rows:
-        return {k: None for k in (*keys, "superficial_share")}
-    out: dict[str, float | None] = {k: float(np.mean([getattr(r, k) for r in rows])) for k in keys}
-    lost = sum(r.lost for r in rows)
-    out["superficial_share"] = sum(r.superficial for r in rows) / lost if lost > 0 else None
-    return out
-
-
-def analyse_method(run_dir: str | Path, method: str, tasks: Sequence[str] | None = None) -> MethodReport:
-    """Matrices, metrics and forgetting split of one method, from its predictions files."""
-    run_dir = Path(run_dir)
-    df = method_predictions(run_dir, method)
-    mats = build_matrices(df, method, tasks)
-    rows = forgetting_split(df, mats)
-    files = sorted(str(p.relative_to(run_dir)) for p in (run_dir / method).glob(f"task-*/{PREDICTIONS_FILE}"))
-    return MethodReport(
-        method, mats, mats.metrics(), rows, _forgetting_mean(rows), files, run_dir / method / REPORT_DIR
-    )
 
 
 def _heatmap(ax: plt.Axes, a: np.ndarray, tasks: Sequence[str], title: str, ylabels: bool = True) -> Any:
@@ -360,13 +301,6 @@ def write_method_report(rep: MethodReport) -> Path:
 # --------------------------------------------------------------------------------------------
 # Comparison of methods
 # --------------------------------------------------------------------------------------------
-def metric_records(reports: Sequence[MethodReport]) -> list[MetricRecord]:
-    return [
-        MetricRecord(rep.method, matrix, metric, value)
-        for rep in reports
-        for matrix, values in rep.metrics.items()
-        for metric, value in values.items()
-    ]
 
 
 def _metrics_figure(reports: Sequence[MethodReport]) -> Figure:
@@ -589,8 +523,3 @@ def build_report(
     _save(_comparison_matrices_figure(reports), out / "matrices.png")
     _write_text(out / "report.md", _comparison_markdown(run_dir, reports))
     return out
-
-
-def metrics_summary(path: str | Path) -> dict[str, Any]:
-    """Read a comparison metrics.json back (for the CLI and tests)."""
-    return json.loads(Path(path).read_text())

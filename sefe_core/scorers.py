@@ -1,4 +1,6 @@
-"""The eight CoIN scorers, each under two rule sets, plus the lenient content check.
+"""Scoring: what the eight CoIN scorers share (EvalAI answer normalisation, VQA soft accuracy,
+exact match, IoU), and the per-prediction judgement. Each task kind's own rules live in its unit
+(sefe_core/kinds/<kind>/); `get_scorer` and `judge` find them by the task's kind.
 
 Every scorer takes the model's answer, the record's `answer` and its `meta` dict, and returns a
 score in [0, 1]. Two rule sets:
@@ -40,17 +42,19 @@ in a sentence, a box found inside other text)? `judge` returns all of it for one
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-from sefe_core.registry import SCORERS, TaskSpec
 from sefe_core.styles import format_ok
+
+if TYPE_CHECKING:
+    from sefe_core.kinds import ContentFn, ScoreFn
+    from sefe_core.registry import TaskSpec
 
 Compat = Literal["intended", "reference"]
 COMPAT_MODES: tuple[str, ...] = ("intended", "reference")
 LETTERS = "ABCDE"
-_LETTER_SET = frozenset(LETTERS)
 IOU_THRESHOLD = 0.5
 
 # --------------------------------------------------------------------------------------------
@@ -156,100 +160,13 @@ def _yes_no_exclusive(prediction: str, truth: str) -> bool:
     return not contains_phrase(prediction, other)
 
 
-def _contains_answer(prediction: str, truth: str) -> bool:
+def contains_answer(prediction: str, truth: str) -> bool:
     return contains_phrase(prediction, truth) and _yes_no_exclusive(prediction, truth)
 
 
 # --------------------------------------------------------------------------------------------
-# ScienceQA: option letter -> option index
+# VQA soft accuracy (TextVQA, VQAv2 annotators)
 # --------------------------------------------------------------------------------------------
-_SQA_SENTENCE = re.compile(r"The answer is ([A-E])(?=\.|\s*$)")
-_SQA_SENTENCE_REFERENCE = re.compile(r"The answer is ([A-Z]).")
-
-
-def _sqa_truth(reference: str, meta: Mapping[str, Any]) -> tuple[int, int]:
-    """(answer index, number of options): from meta, else from the reference letter."""
-    n = len(meta["options"]) if "options" in meta else len(LETTERS)
-    if "answer_index" in meta:
-        return int(meta["answer_index"]), n
-    ref = reference.strip().rstrip(".")
-    if ref not in _LETTER_SET:
-        raise ValueError(f"scienceqa: reference {reference!r} is not a letter and meta has no answer_index")
-    return LETTERS.index(ref), n
-
-
-def scienceqa_letter(prediction: str) -> str | None:
-    """The option letter under the intended rule, or None (the answer then counts as wrong)."""
-    t = prediction.strip()
-    if t in _LETTER_SET:
-        return t
-    if len(t) >= 2 and t[0] in _LETTER_SET and t[1] == "." and (len(t) == 2 or t[2] == " "):
-        return t[0]
-    found = _SQA_SENTENCE.findall(t)
-    return found[0] if len(found) == 1 else None
-
-
-def _scienceqa_letter_reference(prediction: str) -> str | None:
-    t = prediction
-    if t in _LETTER_SET:  # no strip: " B" fails
-        return t
-    if len(t) >= 3 and t[0] in _LETTER_SET and t[1:3] == ". ":
-        return t[0]
-    found = _SQA_SENTENCE_REFERENCE.findall(t)
-    return found[0] if len(found) == 1 else None
-
-
-def _letter_score(letter: str | None, reference: str, meta: Mapping[str, Any]) -> float:
-    idx, n = _sqa_truth(reference, meta)
-    if letter is None or letter not in LETTERS[:n]:
-        return 0.0
-    return float(LETTERS.index(letter) == idx)
-
-
-def scienceqa(prediction: str, reference: str, meta: Mapping[str, Any]) -> float:
-    return _letter_score(scienceqa_letter(prediction), reference, meta)
-
-
-def scienceqa_reference(prediction: str, reference: str, meta: Mapping[str, Any]) -> float:
-    return _letter_score(_scienceqa_letter_reference(prediction), reference, meta)
-
-
-# A capital letter standing alone ("B", "(C)", "option D"); "A" followed by a lower-case word is
-# the article ("A red ball"), not an option.
-_LONE_LETTER = re.compile(r"(?<![A-Za-z])([B-E]|A(?! [a-z]))(?![A-Za-z])")
-
-
-def scienceqa_content(prediction: str, reference: str, meta: Mapping[str, Any]) -> bool:
-    """Right once the format is ignored: every option the answer points to (by a letter anywhere,
-    or by the option's text) is the correct one, and it points to at least one."""
-    idx, n = _sqa_truth(reference, meta)
-    strict = scienceqa_letter(prediction)
-    pointed: set[int] = set()
-    if strict is not None:
-        pointed.add(LETTERS.index(strict))
-    else:
-        pointed |= {LETTERS.index(m) for m in _LONE_LETTER.findall(prediction)}
-        options = [str(o) for o in meta.get("options", [])]
-        hits = [i for i, o in enumerate(options) if contains_phrase(prediction, o)]
-        # an option whose text is part of another matched option ("left" in "top left") is not
-        # pointed to on its own
-        hits = [i for i in hits if not any(j != i and contains_phrase(options[j], options[i]) for j in hits)]
-        pointed |= set(hits)
-    return pointed == {idx} and idx < n
-
-
-# --------------------------------------------------------------------------------------------
-# TextVQA: VQA soft accuracy over the annotators' answers
-# --------------------------------------------------------------------------------------------
-def _textvqa_answers(reference: str, meta: Mapping[str, Any]) -> list[str]:
-    answers = meta.get("answers")
-    if answers is None:
-        return [reference]
-    if not isinstance(answers, list) or not answers:
-        raise ValueError(f"textvqa: meta 'answers' must be a non-empty list, got {answers!r:.80}")
-    return [str(a) for a in answers]
-
-
 def vqa_soft_accuracy(prediction: str, answers: list[str]) -> float:
     """Leave-one-out VQA accuracy: the mean, over each annotator left out in turn, of
     min(1, matches among the other annotators / 3), after normalisation. With a single answer
@@ -264,54 +181,9 @@ def vqa_soft_accuracy(prediction: str, answers: list[str]) -> float:
     return total / len(gts)
 
 
-def textvqa(prediction: str, reference: str, meta: Mapping[str, Any]) -> float:
-    return vqa_soft_accuracy(prediction, _textvqa_answers(reference, meta))
-
-
-def textvqa_content(prediction: str, reference: str, meta: Mapping[str, Any]) -> bool:
-    """The answer contains (whole words) exactly one of the annotators' distinct answers: any
-    annotator answer earns soft credit, so any one of them is content the scorer would accept."""
-    answers = {normalize_answer(a) for a in _textvqa_answers(reference, meta)} - {""}
-    found = [a for a in answers if _contains_answer(prediction, a)]
-    found = [a for a in found if not any(b != a and f" {a} " in f" {b} " for b in found)]
-    return len(found) == 1
-
-
 # --------------------------------------------------------------------------------------------
-# ImageNet: the class name in the answer or the answer in the class name
+# Exact match (VizWiz, VQAv2) and the short answer found in a sentence
 # --------------------------------------------------------------------------------------------
-def _words(text: str) -> str:
-    return " ".join(re.sub(r"[^0-9a-z]+", " ", text.lower()).split())
-
-
-def imagenet(prediction: str, reference: str, meta: Mapping[str, Any]) -> float:
-    p, r = _words(prediction), _words(reference)
-    if not p or not r:
-        return 0.0
-    return float(f" {r} " in f" {p} " or f" {p} " in f" {r} ")
-
-
-def imagenet_reference(prediction: str, reference: str, meta: Mapping[str, Any]) -> float:
-    return float(reference in prediction or prediction in reference)
-
-
-def imagenet_content(prediction: str, reference: str, meta: Mapping[str, Any]) -> bool:
-    return imagenet(prediction, reference, meta) > 0 or _contains_answer(prediction, reference)
-
-
-# --------------------------------------------------------------------------------------------
-# GQA, VizWiz, VQAv2, OCR-VQA: exact match after light normalisation
-# --------------------------------------------------------------------------------------------
-def gqa(prediction: str, reference: str, meta: Mapping[str, Any]) -> float:
-    return float(prediction.strip().rstrip(".").strip().lower() == reference.strip().lower())
-
-
-def gqa_reference(prediction: str, reference: str, meta: Mapping[str, Any]) -> float:
-    text = prediction.rstrip(".").lower()
-    text = text[1:] if text[:1] == " " else text
-    return float(text == reference)
-
-
 def exact(prediction: str, reference: str, meta: Mapping[str, Any]) -> float:
     """VizWiz and VQAv2 as CoIN scores them: exact, case-insensitive (single reference answer)."""
     return float(prediction.strip().casefold() == reference.strip().casefold())
@@ -321,32 +193,14 @@ def exact_reference(prediction: str, reference: str, meta: Mapping[str, Any]) ->
     return float(prediction.upper() == reference.upper())
 
 
-def ocrvqa(prediction: str, reference: str, meta: Mapping[str, Any]) -> float:
-    if "unanswerable" in prediction.lower():
-        return 0.0
-    return exact(prediction, reference, meta)
-
-
-def ocrvqa_reference(prediction: str, reference: str, meta: Mapping[str, Any]) -> float:
-    if "Unanswerable" in prediction:
-        return 0.0
-    return float(prediction.lower() == reference.lower())
-
-
 def short_content(prediction: str, reference: str, meta: Mapping[str, Any]) -> bool:
     """The reference answer appears, as whole words, in the answer ("The sign says stop.")."""
-    return _contains_answer(prediction, reference)
+    return contains_answer(prediction, reference)
 
 
 # --------------------------------------------------------------------------------------------
-# Grounding: IoU > 0.5 in the square-padded frame
+# Boxes
 # --------------------------------------------------------------------------------------------
-_NUMBER = r"-?(?:\d+(?:\.\d*)?|\.\d+)"
-_FOUR = re.compile(r"^\[?\s*" + r"\s*,\s*".join([f"({_NUMBER})"] * 4) + r"\s*\]?$")
-_BRACKETED_FOUR = re.compile(r"\[\s*" + r"\s*,\s*".join([f"({_NUMBER})"] * 4) + r"\s*\]")
-_ANY_NUMBER = re.compile(r"(?<![\w.])" + _NUMBER + r"(?!\w)")  # standalone: not the 1 of "x1"
-
-
 def iou(a: list[float], b: list[float]) -> float:
     """Intersection over union of two [x1, y1, x2, y2] boxes; 0 for an empty or inverted box."""
     if a[2] <= a[0] or a[3] <= a[1] or b[2] <= b[0] or b[3] <= b[1]:
@@ -356,68 +210,13 @@ def iou(a: list[float], b: list[float]) -> float:
     return inter / union if union > 0 else 0.0
 
 
-def _truth_box(reference: str, meta: Mapping[str, Any]) -> list[float]:
-    """The ground-truth box, normalised in the square-padded frame (LLaVA's expand2square)."""
-    if "box" in meta:
-        return [float(v) for v in meta["box"]]
-    m = _FOUR.match(reference.strip())
-    if not m:
-        raise ValueError(f"grounding: meta has no 'box' and the reference {reference!r} is not a box")
-    return [float(g) for g in m.groups()]
-
-
-def grounding_box(prediction: str) -> list[float] | None:
-    """Four numbers, optionally in brackets, and nothing else: the intended parse."""
-    m = _FOUR.match(prediction.strip())
-    return [float(g) for g in m.groups()] if m else None
-
-
-def grounding(prediction: str, reference: str, meta: Mapping[str, Any]) -> float:
-    box = grounding_box(prediction)
-    return float(box is not None and iou(box, _truth_box(reference, meta)) > IOU_THRESHOLD)
-
-
-def _iou_reference(a: list[float], b: list[float]) -> float:
-    inter = max(0.0, min(a[2], b[2]) - max(a[0], b[0])) * max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
-
-
-def grounding_reference(prediction: str, reference: str, meta: Mapping[str, Any]) -> float:
-    """The reference parse: brackets removed, then the first and last characters cut off."""
-    text = prediction.replace("[", "").replace("]", "")
-    try:
-        box = [float(x) for x in text[1:-1].split(",")]
-    except ValueError:
-        return 0.0
-    if len(box) != 4:
-        return 0.0
-    return float(_iou_reference(box, _truth_box(reference, meta)) > IOU_THRESHOLD)
-
-
-def grounding_content(prediction: str, reference: str, meta: Mapping[str, Any]) -> bool:
-    """A box anywhere in the answer: the first bracketed four numbers, else the first four."""
-    m = _BRACKETED_FOUR.search(prediction)
-    if m:
-        box = [float(g) for g in m.groups()]
-    else:
-        nums = _ANY_NUMBER.findall(prediction)
-        if len(nums) < 4:
-            return False
-        box = [float(v) for v in nums[:4]]
-    return iou(box, _truth_box(reference, meta)) > IOU_THRESHOLD
-
-
 # --------------------------------------------------------------------------------------------
 # Registry and the per-prediction judgement
 # --------------------------------------------------------------------------------------------
-ScoreFn = Callable[[str, str, Mapping[str, Any]], float]
-ContentFn = Callable[[str, str, Mapping[str, Any]], bool]
-
-
 @dataclass(frozen=True)
 class Scorer:
-    """One CoIN evaluator: the intended rule, the reference evaluator's rule, the lenient check."""
+    """One CoIN evaluator: the intended rule, the reference evaluator's rule, the lenient check
+    (a view of a task kind's three scoring functions, sefe_core/kinds/)."""
 
     name: str
     intended: ScoreFn
@@ -425,26 +224,13 @@ class Scorer:
     content: ContentFn
 
 
-_SCORERS: dict[str, Scorer] = {
-    s.name: s
-    for s in (
-        Scorer("scienceqa", scienceqa, scienceqa_reference, scienceqa_content),
-        Scorer("textvqa", textvqa, textvqa, textvqa_content),
-        Scorer("imagenet", imagenet, imagenet_reference, imagenet_content),
-        Scorer("gqa", gqa, gqa_reference, short_content),
-        Scorer("vizwiz", exact, exact_reference, short_content),
-        Scorer("grounding", grounding, grounding_reference, grounding_content),
-        Scorer("vqav2", exact, exact_reference, short_content),
-        Scorer("ocrvqa", ocrvqa, ocrvqa_reference, short_content),
-    )
-}
-assert set(_SCORERS) == set(SCORERS), "every registry scorer name needs an implementation"
-
-
 def get_scorer(name: str) -> Scorer:
-    if name not in _SCORERS:
-        raise KeyError(f"unknown scorer {name!r}; known: {sorted(_SCORERS)}")
-    return _SCORERS[name]
+    from sefe_core.kinds import KINDS
+
+    if name not in KINDS:
+        raise KeyError(f"unknown scorer {name!r}; known: {sorted(KINDS)}")
+    k = KINDS[name]
+    return Scorer(name, k.score, k.score_reference, k.content)
 
 
 def score(

@@ -9,7 +9,11 @@ from __future__ import annotations
 
 import re
 
-from sefe_core.registry import MCQ_SUFFIX, SHORT_SUFFIX
+# CoIN's response-format instructions (LLaVA-1.5 evaluation prompts); MiniCoIN uses the same.
+SHORT_SUFFIX = "Answer the question using a single word or phrase."
+MCQ_SUFFIX = "Answer with the option's letter from the given choices directly."
+UNANSWERABLE_SUFFIX = "When the provided information is insufficient, respond with 'Unanswerable'."
+GROUNDING_PREFIX = "Please provide the bounding box coordinate of the region this sentence describes:"
 
 # Response-format instructions, in our own words, consistent with CoIN's (docs/design.md §1.1).
 STYLE_INSTRUCTIONS: dict[str, str] = {

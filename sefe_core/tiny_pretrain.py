@@ -32,9 +32,9 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from sefe_core import minicoin
+from sefe_core import scenes
 from sefe_core.hashing import stable_seed
-from sefe_core.minicoin import (
+from sefe_core.scenes import (
     AUTHORS,
     BACKGROUND,
     COLORS,
@@ -48,8 +48,7 @@ from sefe_core.minicoin import (
     draw_sign,
     format_box,
 )
-from sefe_core.registry import GROUNDING_PREFIX, MCQ_SUFFIX, SHORT_SUFFIX
-from sefe_core.styles import STYLE_INSTRUCTIONS
+from sefe_core.styles import GROUNDING_PREFIX, MCQ_SUFFIX, SHORT_SUFFIX, STYLE_INSTRUCTIONS
 
 COLOR_NAMES = list(COLORS)
 # Dense label classes (0 = nothing there).
@@ -96,14 +95,14 @@ def random_picture(rng: np.random.Generator) -> Picture:
     size = int(rng.choice([32, 40, 48]))
     kind = str(rng.choice(["scene", "scene", "object", "signs", "cover"]))
     if kind == "scene":
-        objs = minicoin.random_scene(rng, int(rng.integers(1, 5)), size)
-        return Picture(minicoin.render(objs, size), _objects_labels(objs, size), kind, objs, [])
+        objs = scenes.random_scene(rng, int(rng.integers(1, 5)), size)
+        return Picture(scenes.render(objs, size), _objects_labels(objs, size), kind, objs, [])
     if kind == "object":
         side = int(size * rng.uniform(0.5, 0.85))
         x1, y1 = (int(v) for v in rng.integers(0, size - side + 1, 2))
         o = Obj(SHAPES[int(rng.integers(len(SHAPES)))], COLOR_NAMES[int(rng.integers(len(COLORS)))], "center",
                 (x1, y1, x1 + side, y1 + side))  # fmt: skip
-        return Picture(minicoin.render([o], size), _objects_labels([o], size), kind, [o], [])
+        return Picture(scenes.render([o], size), _objects_labels([o], size), kind, [o], [])
     if kind == "signs":
         c1, c2 = (COLOR_NAMES[i] for i in rng.permutation(len(COLORS))[:2])
         w1, w2 = (SIGN_WORDS[i] for i in rng.permutation(len(SIGN_WORDS))[:2])
@@ -309,7 +308,7 @@ def _drill(rng: np.random.Generator) -> tuple[str, str, str]:
         xs, ys = sorted(rng.uniform(0, 1, 2).round(2)), sorted(rng.uniform(0, 1, 2).round(2))
         a = format_box([xs[0], ys[0], xs[1], ys[1]])
     else:
-        vocab = minicoin.answer_vocabulary() + list(GENRES.values()) + list(AUTHORS.values())
+        vocab = scenes.answer_vocabulary() + list(GENRES.values()) + list(AUTHORS.values())
         a = vocab[int(rng.integers(len(vocab)))]
     return "drill", f"Repeat after me: {a}", a
 

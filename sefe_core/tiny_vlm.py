@@ -42,13 +42,12 @@ from transformers import (
 )
 
 from data_contracts import atomic_path, write_json
-from sefe_core import minicoin
-from sefe_core.asd import sample_texts as asd_sample_texts
 from sefe_core.hashing import stable_seed
-from sefe_core.minicoin import COLORS, SHAPES
+from sefe_core.kinds import get_kind
 from sefe_core.progress import BAR_COLUMNS as _BAR
 from sefe_core.progress import RichProgressCallback, step_progress
 from sefe_core.registry import benchmark_tasks
+from sefe_core.scenes import COLORS, SHAPES, answer_vocabulary
 from sefe_core.tiny_config import BUILDER_VERSION, REBUILD_COMMAND, SHIPPED, BaseModel, TinyVLMConfig
 from sefe_core.tiny_pretrain import instruction_mix, pretrain_vision, probe
 from sefe_core.vlm import SampleDataset, VLMCollator, load_vlm
@@ -70,6 +69,45 @@ CHAT_TEMPLATE = (
 
 
 # --------------------------------------------------------------------------------------------
+# Text ASD writes, for the tiny model's tokenizer
+# --------------------------------------------------------------------------------------------
+def asd_sample_texts(n_per_task: int = 40) -> list[str]:
+    """Questions and answers the rules backend writes for in-memory MiniCoIN samples, every
+    target style of every task, both yes/no outcomes: the tiny model's word-level tokenizer is
+    built over them so that no ASD row holds an unknown word."""
+    from data_contracts import InstructionRecord
+    from sefe_core.asd import build_request, convert, target_styles
+    from sefe_core.rewriter_rules import RulesRewriter
+    from sefe_core.styles import STYLE_INSTRUCTIONS
+
+    texts = list(STYLE_INSTRUCTIONS.values()) + ["Yes No"]
+    rules = RulesRewriter(0)
+    for spec in benchmark_tasks("minicoin"):
+        rng = np.random.default_rng(stable_seed("asd-sample-texts", spec.name))
+        for i in range(n_per_task):
+            _, q, a, meta = get_kind(spec.scorer).generate(rng)
+            rid = f"{spec.name}-sample-{i:05d}"
+            rec = InstructionRecord(
+                rid,
+                spec.name,
+                "train",
+                "sample.png",
+                q,
+                a,
+                spec.native_style,
+                "original",
+                rid,
+                json.dumps(meta),
+            )
+            for style in target_styles(spec.native_style):
+                req = build_request(rec, style, spec.scorer, spec.native_style)
+                for seed in (0, 1):
+                    rows, _ = convert([req], rules.rewrite([req], Path(".")), seed, rules.name)
+                    texts += [t for r in rows for t in (r.question, " " + r.answer)]
+    return texts
+
+
+# --------------------------------------------------------------------------------------------
 # Tokenizer
 # --------------------------------------------------------------------------------------------
 def corpus_texts(n_per_task: int = 300) -> list[str]:
@@ -78,11 +116,11 @@ def corpus_texts(n_per_task: int = 300) -> list[str]:
     for spec in benchmark_tasks("minicoin"):
         rng = np.random.default_rng(stable_seed("tokenizer-corpus", spec.name))
         for _ in range(n_per_task):
-            _, q, a, _ = minicoin.GENERATORS[spec.scorer](rng)
+            _, q, a, _ = get_kind(spec.scorer).generate(rng)
             texts += [q, " " + a]
     texts += [s.question + " " + s.answer for s in instruction_mix(3000, seed=12345)]
     texts += asd_sample_texts()  # every word ASD's rules and style instructions write
-    words = minicoin.answer_vocabulary() + list(COLORS) + list(SHAPES) + [str(i) for i in range(101)]
+    words = answer_vocabulary() + list(COLORS) + list(SHAPES) + [str(i) for i in range(101)]
     words += [f"{i:02d}" for i in range(100)] + list("[],.?:;'\"()-!ABCDE")
     texts += [" ".join(words)]
     return texts

@@ -21,7 +21,7 @@ import json
 import logging
 import shutil
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -61,14 +61,15 @@ class TrainResult:
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items()}
 
 
-def _samples(train_records) -> tuple[list[dict[str, Any]], str]:
-    """Training samples ({image, question, answer}) of a task and the digest its key reads: the
-    file's sha256 for a Parquet (what the pipeline's steps hand on), else a hash of the records."""
-    from data_contracts import INSTRUCTIONS, InstructionRecord, sha256_file
+def _samples(train_records) -> tuple[list[dict[str, Any]] | Path, str]:
+    """A task's training data and the digest its key reads. An instructions Parquet stays a path
+    (read as a memory-mapped dataset once the processor is loaded, `train_data.py`), keyed by the
+    file's sha256 (what the pipeline's steps hand on); records become sample dicts ({image,
+    question, answer}), keyed by a hash of their contents."""
+    from data_contracts import InstructionRecord, sha256_file
 
     if isinstance(train_records, str | Path):
-        digest = sha256_file(train_records)
-        records = [r for r in INSTRUCTIONS.read_records(train_records) if r.split == "train"]
+        return Path(train_records), sha256_file(train_records)
     else:
         records = list(train_records)
         if records and not isinstance(records[0], InstructionRecord):
@@ -81,6 +82,26 @@ def _samples(train_records) -> tuple[list[dict[str, Any]], str]:
     if not records:
         raise ValueError("no training records (split == 'train') for this task")
     return [{"image": r.image, "question": r.question, "answer": r.answer} for r in records], digest
+
+
+def _dataset(path: Path, digest: str, processor: Any, image_root, base_path: Path, cfg: TrainConfig):
+    """The task's train records as a memory-mapped dataset, encoded once per data and processor
+    (cached next to the data, shared by every method that trains on it)."""
+    from sefe_core.hashing import config_hash
+    from sefe_core.keys import base_identity
+    from sefe_core.train_data import ENCODING_VERSION, train_dataset
+    from sefe_core.vlm import VLMCollator
+
+    processor_files = sorted(
+        hashlib.sha256(f.read_bytes()).hexdigest()
+        for f in base_path.iterdir()
+        if f.name.startswith(("tokenizer", "processor", "preprocessor", "chat_template"))
+    )
+    fingerprint = config_hash(
+        [digest, base_identity(base_path), processor_files, cfg.max_length, ENCODING_VERSION]
+    )
+    collator = VLMCollator(processor, Path(image_root) if image_root is not None else None, cfg.max_length)
+    return train_dataset(path, collator, path.parent / ".train-cache", fingerprint)
 
 
 def task_key(
@@ -160,6 +181,8 @@ def train_task(
         dtype=torch.bfloat16 if (cfg.bf16 and cuda) else None,
         trust_remote_code=trust_remote_code,
     )
+    if isinstance(samples, Path):
+        samples = _dataset(samples, digest, processor, image_root, base_path, cfg)
     model = attach_lora(model, cfg)
     penalty = algo.penalty(model, priors, cfg)
     from sefe_core.progress import StepCounter, step_progress
@@ -242,59 +265,11 @@ def train_task(
     )
 
 
-def run_sequence(
-    method: str,
-    base_path: str | Path,
-    task_files: Mapping[str, str | Path],
-    image_root: str | Path | None,
-    run_dir: str | Path,
-    cfg: TrainConfig,
-    *,
-    trust_remote_code: bool = False,
-    progress: bool = False,
-    on_task_end=None,
-) -> list[TrainResult]:
-    """Train the tasks of `task_files` (ordered: task name -> instructions Parquet) one after
-    another with `method`, under `<run_dir>/<method>/task-<name>/`. Finished tasks are reused.
-    `progress` shows a rich progress bar per task; `on_task_end(name, result)` after each."""
-    from sefe_core.methods import method_of
-
-    method_of(method)  # an unknown name fails before any task
-    method_dir = Path(run_dir) / method
-    done: list[Path] = []
-    results = []
-    for name, data in task_files.items():
-        task_dir = method_dir / f"task-{name}"
-        callbacks = []
-        if progress:
-            from sefe_core.progress import RichProgressCallback
-
-            callbacks.append(RichProgressCallback(f"{method} {name}"))
-        if cfg.num_processes > 1:  # several GPUs: accelerate launch of the same entry point
-            from sefe_core.launch import train_task_launched
-
-            res = train_task_launched(
-                base_path, done, data, image_root, task_dir, cfg, method,
-                trust_remote_code=trust_remote_code, on_line=print if progress else None,
-            )  # fmt: skip
-        else:
-            res = train_task(
-                base_path, done, data, image_root, task_dir, cfg, method,
-                trust_remote_code=trust_remote_code, callbacks=callbacks,
-            )  # fmt: skip
-        results.append(res)
-        done.append(task_dir)
-        if on_task_end is not None:
-            on_task_end(name, res)
-    return results
-
-
 __all__ = [
     "PRESETS",
     "RunTrainConfig",
     "TrainConfig",
     "TrainResult",
-    "run_sequence",
     "task_key",
     "train_task",
 ]

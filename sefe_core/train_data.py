@@ -14,11 +14,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from sefe_core.vlm import VLMCollator
 
+# bump when `VLMCollator.encode` changes what it produces: part of the cache files' fingerprint
+ENCODING_VERSION = 1
 # cache pixel values in the Arrow files up to this many bytes per sample
 PIXEL_CACHE_BYTES = 64 << 10
 _COLUMNS = ["id", "split", "image", "question", "answer"]
@@ -48,7 +49,7 @@ class ArrowTrainDataset(torch.utils.data.Dataset):
         row = self.ds[int(i)]
         item = {"input_ids": row["input_ids"], "labels": row["labels"]}
         if self.with_pixels:
-            item["pixel_values"] = np.asarray(row["pixel_values"], dtype=np.float32)
+            item["pixel_values"] = row["pixel_values"]
         else:
             item["image"] = row["image"]
         return item
@@ -116,4 +117,6 @@ def train_dataset(
     finally:
         if progress:
             datasets.enable_progress_bars()
+    if with_pixels:  # numpy arrays, not nested lists, for the pixel column
+        encoded = encoded.with_format("numpy", columns=["pixel_values"], output_all_columns=True)
     return ArrowTrainDataset(encoded, with_pixels)

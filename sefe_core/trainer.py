@@ -117,7 +117,7 @@ class SEFETrainer(Trainer):
 def build_trainer(
     model: torch.nn.Module,
     processor,
-    samples: Sequence[dict[str, Any]],
+    samples: Sequence[dict[str, Any]] | torch.utils.data.Dataset,
     image_root: str | Path | None,
     output_dir: str | Path,
     cfg: TrainConfig,
@@ -126,6 +126,7 @@ def build_trainer(
     reg_lambda: float | None = None,
 ):
     """The Trainer for one task (also used directly by tests to compare gradient accumulation).
+    `samples`: sample dicts ({image, question, answer}) or an encoded Dataset of them.
     `regularizer()` is the method's penalty, weighted by `reg_lambda` (default `cfg.reg_lambda`)."""
     from transformers import PrinterCallback, TrainingArguments
 
@@ -165,7 +166,10 @@ def build_trainer(
     trainer = SEFETrainer(
         model=model,
         args=args,
-        train_dataset=EncodedDataset(list(samples), collator),
+        # a Dataset (sefe_core.train_data: memory-mapped) as is; sample dicts encoded in memory
+        train_dataset=samples
+        if isinstance(samples, torch.utils.data.Dataset)
+        else EncodedDataset(list(samples), collator),
         data_collator=collator,
         callbacks=list(callbacks),
         regularizer=regularizer,

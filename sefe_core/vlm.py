@@ -104,20 +104,23 @@ class VLMCollator:
     image_root: Path | None = None
     max_length: int | None = None
 
-    def encode(self, samples: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """Per sample: token ids, labels (answer tokens only) and pixel values, unpadded."""
+    def encode(self, samples: list[dict[str, Any]], with_pixels: bool = True) -> list[dict[str, Any]]:
+        """Per sample: token ids, labels (answer tokens only) and pixel values, unpadded; without
+        pixels, the image path instead (`pad` preprocesses it per batch)."""
         tok = self.processor.tokenizer
         images = [open_image(s["image"], self.image_root, self.processor) for s in samples]
         prompts = [prompt_text(self.processor, s["question"]) for s in samples]
         enc = self.processor(images=images, text=prompts, return_tensors=None, padding=False)
         answers = tok([" " + s["answer"] for s in samples], add_special_tokens=False)["input_ids"]
         out = []
-        for p_ids, a_ids, pix in zip(enc["input_ids"], answers, enc["pixel_values"], strict=True):
+        for s, p_ids, a_ids, pix in zip(samples, enc["input_ids"], answers, enc["pixel_values"], strict=True):
             ids = list(p_ids) + list(a_ids) + [tok.eos_token_id]
             lab = [IGNORE_INDEX] * len(p_ids) + list(a_ids) + [tok.eos_token_id]
             if self.max_length is not None:
                 ids, lab = ids[: self.max_length], lab[: self.max_length]
-            out.append({"input_ids": ids, "labels": lab, "pixel_values": np.asarray(pix)})
+            item = {"input_ids": ids, "labels": lab}
+            item.update({"pixel_values": np.asarray(pix)} if with_pixels else {"image": s["image"]})
+            out.append(item)
         return out
 
     def pad(self, encoded: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
@@ -130,7 +133,13 @@ class VLMCollator:
             input_ids[i, :n] = torch.tensor(e["input_ids"])
             attention[i, :n] = 1
             label_t[i, :n] = torch.tensor(e["labels"])
-        pixel_values = torch.as_tensor(np.stack([e["pixel_values"] for e in encoded]))
+        if "pixel_values" in encoded[0]:
+            pixel_values = torch.as_tensor(np.stack([e["pixel_values"] for e in encoded]))
+        else:  # items that keep their image path: preprocessed here, as the processor would
+            images = [open_image(e["image"], self.image_root, self.processor) for e in encoded]
+            pixel_values = torch.as_tensor(
+                self.processor.image_processor(images, return_tensors="np")["pixel_values"]
+            )
         return {
             "input_ids": input_ids,
             "attention_mask": attention,

@@ -9,6 +9,10 @@ step does not read never re-runs it. Results persisted by Prefect are small JSON
 Every result lists the files it stands for (`files`: path -> sha256, bytes, mtime). A cache hit
 whose files were since replaced (a changed config re-ran a step that writes the same path) is
 stale: `run_step` runs the step again instead of returning it.
+
+Three runners walk the same DAG (flows/pipeline.py): `run_step` (a Prefect task run, inside the
+flows), `cached_step` (the stored result or NotCached: a finished run shown without Prefect) and
+`local_step` (the stored result, else the step's function in this process: the CLI's commands).
 """
 
 from __future__ import annotations
@@ -152,4 +156,37 @@ def cached_step(
         raise NotCached(f"{path.name}: {e}") from e
     if not intact(result):
         raise NotCached(f"{path.name}: its files changed since")
+    return result
+
+
+def local_step(
+    t: Task,
+    run_dir: str | Path,
+    k: int,
+    key: dict[str, Any],
+    *,
+    label: str = "",
+    background: bool = False,
+    **kwargs: Any,
+) -> Any:
+    """Run a step in this process without Prefect's engine (the CLI's pieces of the DAG): the
+    stored result when there is a usable one, else the step's own function, whose result is
+    stored as Prefect stores it, so a later flow run finds it as a cache hit and vice versa."""
+    try:
+        return cached_step(t, run_dir, k, key)
+    except NotCached:
+        pass
+    from prefect.results import ResultRecord, ResultRecordMetadata
+    from prefect.serializers import JSONSerializer
+
+    from data_contracts import atomic_path
+
+    result = t.fn(run_dir=str(run_dir), k=k, key=key, **kwargs)
+    path = Path(run_dir) / RESULTS_DIR / cache_key(t.name, k, key)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    record = ResultRecord(
+        metadata=ResultRecordMetadata(storage_key=str(path), serializer=JSONSerializer()), result=result
+    )
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(record.serialize())
     return result

@@ -7,16 +7,40 @@ JSON. It returns paths + sha256 of what it wrote, which become the `key` inputs 
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from prefect import get_run_logger
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
+from prefect.context import TaskRunContext
 
 from sefe_core import counters, keys
 from sefe_core.config import RunConfig
 from sefe_core.workers import run_job
 from tasks.caching import files, sha_of, step
+
+
+def _log() -> logging.Logger | logging.LoggerAdapter:
+    """The task run's logger in a flow; outside one (tasks.caching.local_step) the CLI's."""
+    return get_run_logger() if TaskRunContext.get() is not None else logging.getLogger("sefe")
+
+
+def _progress(key: str, description: str) -> Callable[[int, int], None]:
+    """A progress artifact in a flow (shown in the UI); outside one, a log line every 25%."""
+    if TaskRunContext.get() is not None:
+        artifact = create_progress_artifact(0.0, key=key, description=description)
+        return lambda done, total: update_progress_artifact(artifact, 100.0 * done / max(total, 1))
+    shown: set[int] = set()
+
+    def log_progress(done: int, total: int) -> None:
+        quarter = 4 * done // max(total, 1)
+        if quarter not in shown:
+            shown.add(quarter)
+            logging.getLogger("sefe").info("%s: %d%%", description, 25 * quarter)
+
+    return log_progress
 
 
 def _cfg(cfg_json: dict[str, Any]) -> RunConfig:
@@ -28,7 +52,7 @@ def prepare_benchmark(run_dir: str, k: int, key: dict, cfg_json: dict) -> dict[s
     from sefe_core.prepare import ensure_benchmark
 
     bench = ensure_benchmark(_cfg(cfg_json))
-    get_run_logger().info("benchmark %s: %d tasks at %s", bench.name, len(bench.tasks), bench.dir)
+    _log().info("benchmark %s: %d tasks at %s", bench.name, len(bench.tasks), bench.dir)
     return {
         "dir": str(bench.dir),
         "tasks": list(bench.tasks),
@@ -45,7 +69,7 @@ def prepare_base_model(run_dir: str, k: int, key: dict, cfg_json: dict) -> dict[
     from sefe_core.prepare import ensure_base_model
 
     base = ensure_base_model(_cfg(cfg_json))
-    get_run_logger().info("base model at %s (held-out loss %.3f)", base.path, base.heldout_loss_after)
+    _log().info("base model at %s (held-out loss %.3f)", base.path, base.heldout_loss_after)
     return {"path": str(base.path), "key": base.key, "files": files(Path(base.path) / "config.json")}
 
 
@@ -56,15 +80,11 @@ def asd(
     from sefe_core.asd import run_asd
 
     cfg = _cfg(cfg_json)
-    artifact = create_progress_artifact(0.0, key=f"asd-{_slug(task)}", description=f"ASD of {task}")
-
-    def progress(done: int, total: int) -> None:
-        update_progress_artifact(artifact, 100.0 * done / max(total, 1))
-
+    progress = _progress(f"asd-{_slug(task)}", f"ASD of {task}")
     res = run_asd(
         source, image_root, Path(run_dir) / "data", cfg.asd, benchmark=cfg.benchmark.name, progress=progress
     )
-    get_run_logger().info(
+    _log().info(
         "ASD %s: selected %d = converted %d + rejected %d", task, res.selected, res.converted, res.rejected
     )
     written = files(res.data_path, res.rejects_path)
@@ -100,19 +120,15 @@ def train(
     if cfg.train.num_processes > 1:  # several GPUs: accelerate launch, output to the run log
         from sefe_core.launch import train_task_launched
 
-        res = train_task_launched(
-            *args, trust_remote_code=cfg.model.trust_remote_code, on_line=get_run_logger().info
-        )
+        res = train_task_launched(*args, trust_remote_code=cfg.model.trust_remote_code, on_line=_log().info)
         counters.add("train_steps", res.steps_run)
     else:  # in a worker process when the run has workers (two methods train at once on 2 cores)
-        artifact = create_progress_artifact(
-            0.0, key=f"train-{_slug(method)}-{k}", description=f"{method}: training {task}"
-        )
+        progress = _progress(f"train-{_slug(method)}-{k}", f"{method}: training {task}")
         res = run_job(
             train_task, *args, workers=cfg.worker_count, serial=True, trust_remote_code=cfg.model.trust_remote_code,
-            progress=lambda done, total: update_progress_artifact(artifact, 100.0 * done / max(total, 1)),
+            progress=progress,
         )  # fmt: skip
-    get_run_logger().info(
+    _log().info(
         "%s task %d (%s): %d steps run, final loss %.4f", method, k, task, res.steps_run, res.final_loss
     )
     if res.config_hash != keys.digest(key):  # the library keyed the task on other inputs than the flow
@@ -161,15 +177,12 @@ def evaluate(
     cfg = _cfg(cfg_json)
     out = predictions_path(run_dir, method, load_benchmark(bench_dir).tasks[k - 1])
     before = counters.get("generations")
-    artifact = create_progress_artifact(
-        0.0, key=f"eval-{_slug(method)}-{k}", description=f"{method}: evaluating stage {k} on tasks 1..{k}"
-    )
+    progress = _progress(f"eval-{_slug(method)}-{k}", f"{method}: evaluating stage {k} on tasks 1..{k}")
     res = run_job(
         evaluate_stage_dir, base_path, task_dirs, bench_dir, method, out, workers=cfg.worker_count,
-        batch_size=cfg.eval.batch_size, trust_remote_code=cfg.model.trust_remote_code,
-        progress=lambda done, total: update_progress_artifact(artifact, 100.0 * done / total),
+        batch_size=cfg.eval.batch_size, trust_remote_code=cfg.model.trust_remote_code, progress=progress,
     )  # fmt: skip
-    get_run_logger().info(
+    _log().info(
         "%s stage %d: %d predictions on tasks 1..%d, mean score %.3f",
         method, k, res["predictions"], k, res["mean_score"],
     )  # fmt: skip
@@ -184,7 +197,8 @@ def evaluate(
 
 @step("method-report")
 def method_report(run_dir: str, k: int, key: dict, method: str, tasks: list[str]) -> dict[str, Any]:
-    from sefe_core.report import analyse_method, write_method_report
+    from sefe_core.analysis import analyse_method
+    from sefe_core.report import write_method_report
 
     out = write_method_report(analyse_method(run_dir, method, tasks))
     written = files(out / "metrics.json")

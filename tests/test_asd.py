@@ -24,18 +24,8 @@ from data_contracts import INSTRUCTIONS, REJECTS
 from sefe_core.asd import ASDConfig, build_request, convert, run_asd, style_table, target_styles
 from sefe_core.config import load_config
 from sefe_core.registry import task_spec
-from sefe_core.rewriter import (
-    Material,
-    OpenAIRewriter,
-    Rejection,
-    RewriterUnavailable,
-    ServerConfig,
-    load_prompt,
-    output_format,
-    parse_reply,
-    question_list,
-    validate_material,
-)
+from sefe_core.rewriter import Material, Rejection, RewriterUnavailable, ServerConfig, validate_material
+from sefe_core.rewriter_served import OpenAIRewriter, load_prompt, output_format, parse_reply, question_list
 from sefe_core.styles import format_ok, parse_box
 from tests.conftest import SMALL
 
@@ -144,7 +134,7 @@ def test_no_unknown_token_in_any_asd_row(small_run, full) -> None:
 _SLOW_RUN = r"""
 import sys, time
 from sefe_core.asd import ASDConfig, run_asd
-from sefe_core.rewriter import RulesRewriter
+from sefe_core.rewriter_rules import RulesRewriter
 
 class SlowRules(RulesRewriter):  # same output as `rules`, slow enough to be killed mid-run
     def rewrite(self, requests, image_root):

@@ -25,9 +25,11 @@ from sefe_core.coin import (
 from sefe_core.config import load_config
 from sefe_core.evaluate import evaluate_seen
 from sefe_core.prepare import ensure_benchmark, load_benchmark
-from sefe_core.registry import MCQ_SUFFIX, SHORT_SUFFIX, benchmark_tasks, task_spec
+from sefe_core.registry import benchmark_tasks, task_spec
 from sefe_core.scorers import get_scorer, judge
-from sefe_core.train import TrainConfig, stage_model, train_task
+from sefe_core.stage import stage_model
+from sefe_core.styles import MCQ_SUFFIX, SHORT_SUFFIX
+from sefe_core.train import TrainConfig, train_task
 
 SQA_Q = "Which object is hot?\nContext: N/A\nA. ice\nB. fire\nC. snow"
 

@@ -11,8 +11,9 @@ import pytest
 from sefe_core.evaluate import evaluate_stage
 from sefe_core.minicoin import generate_task
 from sefe_core.registry import task_spec
+from sefe_core.stage import stage_model
 from sefe_core.tiny_config import SHIPPED
-from sefe_core.train import TrainConfig, stage_model, train_task
+from sefe_core.train import TrainConfig, train_task
 from sefe_core.vlm import load_vlm
 
 

@@ -106,3 +106,51 @@ def test_olora_trains_a_sequence_penalised_against_earlier_adapters(small_run, t
     other = cfg(method_settings={"olora": {"lambda_orth": 5.0}})
     r3 = train_task(base.path, [d1], bench.task_file(TASKS[1]), bench.image_root, d2, other, "olora")
     assert r3.steps_run == 3 and r3.config_hash != r2.config_hash
+
+
+def test_a_method_defined_elsewhere_trains_with_no_other_change(small_run, tmp_path) -> None:
+    """The registry is the only place a method is known: one defined here (an L2 penalty on the
+    new B, saving a file after each task that the next task's key reads) trains a sequence."""
+    from sefe_core import keys
+    from sefe_core.methods import register
+    from sefe_core.methods.base import ContinualMethod
+
+    class SmallB(ContinualMethod):
+        name = "test-small-b"
+        artifact = "note.json"
+
+        def penalty(self, peft_model, prior_task_dirs, cfg):
+            from sefe_core.adapters import lora_factors
+
+            factors = lora_factors(peft_model)
+            return (lambda: sum((f.b**2).sum() for f in factors)) if prior_task_dirs else None
+
+        def penalty_weight(self, cfg) -> float:
+            return 1.0
+
+        def after_task(self, task_dir, cfg):
+            path = task_dir / self.artifact
+            path.write_text(json.dumps({"task": task_dir.name}))
+            return path
+
+    register(SmallB)
+    try:
+        _, bench, base = small_run
+        cfg = TrainConfig.minicoin(
+            max_steps=4, logging_steps=1, lora_r=2, lora_alpha=4, per_device_train_batch_size=4
+        )
+        d1, d2 = (tmp_path / "test-small-b" / f"task-{t}" for t in TASKS)
+        train_task(base.path, [], bench.task_file(TASKS[0]), bench.image_root, d1, cfg, "test-small-b")
+        assert (d1 / "note.json").exists()
+        r2 = train_task(base.path, [d1], bench.task_file(TASKS[1]), bench.image_root, d2, cfg, "test-small-b")
+        assert json.loads((d2 / "train.json").read_text())["final_reg_penalty"] > 0
+        # the earlier task's artifact enters the next task's key
+        assert keys.prior_digests("test-small-b", [d1])[0][1] is not None
+        (d1 / "note.json").write_text("changed")
+        again = train_task(
+            base.path, [d1], bench.task_file(TASKS[1]), bench.image_root, d2, cfg, "test-small-b"
+        )
+        assert again.steps_run == 4 and again.config_hash != r2.config_hash
+        assert variant("test-small-b+asd").data == "asd"
+    finally:
+        REGISTRY.pop("test-small-b", None)

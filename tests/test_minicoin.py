@@ -11,16 +11,8 @@ from PIL import Image
 
 from data_contracts import INSTRUCTIONS
 from sefe_core.minicoin import MiniCoINConfig, build_minicoin
-from sefe_core.registry import (
-    GROUNDING_PREFIX,
-    MCQ_SUFFIX,
-    SHORT_SUFFIX,
-    UNANSWERABLE_SUFFIX,
-    TaskSpec,
-    benchmark_tasks,
-    register_benchmark,
-    task_spec,
-)
+from sefe_core.registry import TaskSpec, benchmark_tasks, register_benchmark, task_spec
+from sefe_core.styles import GROUNDING_PREFIX, MCQ_SUFFIX, SHORT_SUFFIX, UNANSWERABLE_SUFFIX
 
 CFG = MiniCoINConfig(n_train=40, n_test=10)
 

@@ -98,14 +98,17 @@ def test_second_run_on_the_same_directory_fails_fast(first_run) -> None:
 
 
 def test_sefe_eval_redoes_only_missing_stages(first_run) -> None:
-    """`sefe eval` on the pipeline's run directory: stages with current predictions are kept, a
-    deleted one is generated again (same answers: same file content)."""
+    """`sefe eval` on the pipeline's run directory: stages whose predictions are current for the
+    config (the flow's stored evaluation results, same keys) are kept, a deleted one is generated
+    again (same answers: same file content)."""
     from typer.testing import CliRunner
 
     from flows.cli import app
+    from flows.pipeline import sefe_pipeline
     from tests.conftest import SMALL
 
     cfg, _ = first_run
+    sefe_pipeline(cfg)  # current again for this config (tests above evaluated under other settings)
     pred = cfg.run_dir / "lora" / "task-03-imagenet" / "predictions.parquet"
     before = pred.read_bytes()
     pred.unlink()
@@ -114,3 +117,32 @@ def test_sefe_eval_redoes_only_missing_stages(first_run) -> None:
     assert res.exit_code == 0, res.output
     assert res.output.count("kept") == 7 and pred.exists()
     assert pred.read_bytes() == before  # greedy answers, deterministic Parquet: the same file
+
+
+def test_sefe_train_and_eval_run_the_dags_steps_that_the_flow_reuses(tmp_path) -> None:
+    """One driver: `sefe train` runs the DAG's training steps here (tasks up to --until), `sefe
+    run`'s flow then finds them as cache hits (no training), and `sefe eval` keeps its stages."""
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+    from flows.pipeline import sefe_pipeline
+    from tests.conftest import SMALL
+
+    extra = ["train.max_steps=2", "methods=[reglora]", "benchmark.minicoin.tasks=[01-scienceqa,03-imagenet]"]
+    sets = [a for s in [*SMALL, *extra, f"runs_root={tmp_path}"] for a in ("--set", s)]
+    runner, env = CliRunner(), {"COLUMNS": "200"}
+    first = runner.invoke(app, ["train", "-m", "reglora", "--until", "01-scienceqa", *sets], env=env)
+    assert first.exit_code == 0, first.output
+    cfg = small_config(tmp_path, *extra)
+    d1, d3 = (cfg.run_dir / "reglora" / f"task-{t}" for t in ("01-scienceqa", "03-imagenet"))
+    assert (d1 / "train.json").exists() and (d1 / "mask.safetensors").exists() and not d3.exists()
+    second = runner.invoke(app, ["train", "-m", "reglora", *sets], env=env)
+    assert second.exit_code == 0, second.output
+    assert second.output.count("reused") == 1 and (d3 / "train.json").exists()
+    out = sefe_pipeline(cfg)
+    assert out["work"] == {"train_steps": 0, "generations": (1 + 2) * 6}  # evaluation only
+    again = runner.invoke(app, ["eval", "-m", "reglora", *sets], env=env)
+    assert again.exit_code == 0, again.output
+    assert again.output.count("kept") == 2
+    bad = runner.invoke(app, ["train", "-m", "reglora", "--until", "99-nothing", *sets], env=env)
+    assert bad.exit_code == 2 and "Unknown task" in bad.output

@@ -19,7 +19,8 @@ import pytest
 
 from data_contracts import INSTRUCTIONS, REJECTS
 from sefe_core.asd import ASDConfig, run_asd
-from sefe_core.rewriter import OpenAIRewriter, RewriterUnavailable, ServerConfig
+from sefe_core.rewriter import RewriterUnavailable, ServerConfig
+from sefe_core.rewriter_served import OpenAIRewriter
 
 pytestmark = pytest.mark.slow
 

@@ -8,8 +8,8 @@ import time
 import torch
 
 from data_contracts import INSTRUCTIONS
-from sefe_core.minicoin import answer_vocabulary
 from sefe_core.prepare import ensure_base_model, ensure_benchmark
+from sefe_core.scenes import answer_vocabulary
 from sefe_core.vlm import VLMCollator, load_vlm
 
 

@@ -13,6 +13,7 @@ with `@register`, and its import below (the registry entry). No torch at import 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -28,8 +29,12 @@ def register(cls: type[ContinualMethod]) -> type[ContinualMethod]:
     return cls
 
 
-# The registry entries: importing a module registers its methods.
-from sefe_core.methods import l1, lora, olora, reglora  # noqa: E402, F401
+# The registry entries: importing a module registers its methods, in the order a reader
+# compares them (reports list methods in this order, each followed by its +asd variant).
+from sefe_core.methods import lora  # noqa: E402, F401, I001
+from sefe_core.methods import reglora  # noqa: E402, F401
+from sefe_core.methods import l1  # noqa: E402, F401
+from sefe_core.methods import olora  # noqa: E402, F401
 
 ASD_SUFFIX = "+asd"
 SHORTHANDS: dict[str, str] = {"asd": "lora+asd", "sefe": "reglora+asd"}
@@ -53,6 +58,21 @@ def variant(name: str) -> Variant:
     return Variant(name, REGISTRY[base], "asd" if asd else "original")
 
 
+def ordered(names: Sequence[str]) -> list[str]:
+    """Variant names in reading order: by registered method, each before its +asd variant; names
+    that are not variants (a foreign run directory) last, alphabetically."""
+    order = list(REGISTRY)
+
+    def key(name: str) -> tuple[int, bool, str]:
+        try:
+            v = variant(name)
+        except ValueError:
+            return (len(order), True, name)
+        return (order.index(v.method.name), v.data != "original", name)
+
+    return sorted(names, key=key)
+
+
 def method_of(name: str) -> ContinualMethod:
     """The registered method behind a variant name (`sefe` -> RegLoRA)."""
     return variant(name).method
@@ -69,6 +89,7 @@ __all__ = [
     "ContinualMethod",
     "Variant",
     "method_of",
+    "ordered",
     "register",
     "uses_asd",
     "variant",
