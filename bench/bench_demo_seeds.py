@@ -90,6 +90,8 @@ def main() -> None:
     )
     cmd = "python bench/bench_demo_seeds.py --seeds " + " ".join(map(str, a.seeds))
     cmd += "".join(f" --set {shlex.quote(s)}" for s in a.sets)
+    if a.runs_root != p.get_default("runs_root"):
+        cmd += f" --runs-root {shlex.quote(str(a.runs_root))}"
     if a.section != p.get_default("section"):
         cmd += f" --section {shlex.quote(a.section)}"
     entry = f"""{utc_heading()}
