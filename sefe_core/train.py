@@ -162,6 +162,11 @@ def train_task(
     from sefe_core.methods import method_of
 
     algo = method_of(method)
+    if not algo.mergeable:  # a stage is base + merged adapters (stage.py); no other kind exists yet
+        raise NotImplementedError(
+            f"method {algo.name!r} keeps adapters that cannot be merged into W; stages of such methods "
+            "are not supported (docs/design.md §1.3)"
+        )
     base_path, task_dir = Path(base_path), Path(task_dir)
     priors = [Path(p) for p in prior_task_dirs]
     samples, digest = _samples(train_records)

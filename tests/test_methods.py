@@ -154,3 +154,29 @@ def test_a_method_defined_elsewhere_trains_with_no_other_change(small_run, tmp_p
         assert variant("test-small-b+asd").data == "asd"
     finally:
         REGISTRY.pop("test-small-b", None)
+
+
+def test_a_method_whose_adapters_cannot_be_merged_is_refused(small_run, tmp_path) -> None:
+    from sefe_core.methods import register
+    from sefe_core.methods.base import ContinualMethod
+
+    class Experts(ContinualMethod):
+        name = "test-experts"
+        mergeable = False
+
+    register(Experts)
+    try:
+        _, bench, base = small_run
+        with pytest.raises(NotImplementedError, match="cannot be merged"):
+            train_task(
+                base.path,
+                [],
+                bench.task_file(TASKS[0]),
+                bench.image_root,
+                tmp_path / "t",
+                TrainConfig.minicoin(),
+                "test-experts",
+            )
+        assert not (tmp_path / "t").exists()
+    finally:
+        REGISTRY.pop("test-experts", None)

@@ -7,8 +7,8 @@ what the method adds around it. A method is one module in this package, register
 - `key_fields` / `after_task_key` / `prior_key`: what of the config and of earlier tasks changes
   what it learns or saves, i.e. its part of the cache keys (sefe_core/keys.py reads them);
 - `mergeable`: whether a stage is the base with the adapters merged into W (a method whose
-  adapters cannot be merged, such as a mixture of LoRA experts, says False and is refused by the
-  stage builder until stages of that kind exist).
+  adapters cannot be merged, such as a mixture of LoRA experts, says False and `train_task`
+  refuses it until stages of that kind exist).
 
 Importing a method module must not import torch (a config is validated without it): hooks import
 what they need when called.
