@@ -108,12 +108,16 @@ class VLMCollator:
         """Per sample: token ids, labels (answer tokens only) and pixel values, unpadded; without
         pixels, the image path instead (`pad` preprocesses it per batch)."""
         tok = self.processor.tokenizer
-        images = [open_image(s["image"], self.image_root, self.processor) for s in samples]
         prompts = [prompt_text(self.processor, s["question"]) for s in samples]
-        enc = self.processor(images=images, text=prompts, return_tensors=None, padding=False)
+        if with_pixels:
+            images = [open_image(s["image"], self.image_root, self.processor) for s in samples]
+            enc = self.processor(images=images, text=prompts, return_tensors=None, padding=False)
+            prompt_ids, pixels = enc["input_ids"], enc["pixel_values"]
+        else:
+            prompt_ids, pixels = self._prompt_ids(samples, prompts), [None] * len(samples)
         answers = tok([" " + s["answer"] for s in samples], add_special_tokens=False)["input_ids"]
         out = []
-        for s, p_ids, a_ids, pix in zip(samples, enc["input_ids"], answers, enc["pixel_values"], strict=True):
+        for s, p_ids, a_ids, pix in zip(samples, prompt_ids, answers, pixels, strict=True):
             ids = list(p_ids) + list(a_ids) + [tok.eos_token_id]
             lab = [IGNORE_INDEX] * len(p_ids) + list(a_ids) + [tok.eos_token_id]
             if self.max_length is not None:
@@ -122,6 +126,31 @@ class VLMCollator:
             item.update({"pixel_values": np.asarray(pix)} if with_pixels else {"image": s["image"]})
             out.append(item)
         return out
+
+    def _prompt_ids(self, samples: list[dict[str, Any]], prompts: list[str]) -> list[list[int]]:
+        """Prompt token ids without preprocessing every image: a fixed-size image processor gives
+        every image the same number of image tokens, so the first sample goes through the
+        processor and the others get its run of image tokens in place of their one image token
+        (checked against the processor's ids for that first sample; otherwise all go through it)."""
+        tok = self.processor.tokenizer
+        image_id = tok.convert_tokens_to_ids(self.processor.image_token)
+        first = open_image(samples[0]["image"], self.image_root, self.processor)
+        full = self.processor(images=[first], text=prompts[:1], return_tensors=None, padding=False)[
+            "input_ids"
+        ][0]
+        plain = tok(prompts)["input_ids"]  # what the processor hands its tokenizer, unexpanded
+        n = sum(t == image_id for t in full)
+
+        def expand(ids: list[int]) -> list[int]:
+            at = [i for i, t in enumerate(ids) if t == image_id]
+            return ids[: at[0]] + [image_id] * n + ids[at[0] + 1 :] if len(at) == 1 else []
+
+        if expand(list(plain[0])) != list(full):  # not a fixed-size layout: the processor decides
+            images = [open_image(s["image"], self.image_root, self.processor) for s in samples]
+            return self.processor(images=images, text=prompts, return_tensors=None, padding=False)[
+                "input_ids"
+            ]
+        return [expand(list(ids)) for ids in plain]
 
     def pad(self, encoded: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         width = max(len(e["input_ids"]) for e in encoded)
