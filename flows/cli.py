@@ -322,7 +322,7 @@ def _local(cfg):
 
 def _recording_runner():
     """`local_step`, noting per call (step, k, whether its stored result was reused)."""
-    from tasks.caching import NotCached, cached_step, local_step
+    from tasks.caching import NotCached, cached_step, run_here
 
     ran: list[tuple[str, int, bool]] = []
 
@@ -333,7 +333,7 @@ def _recording_runner():
             return out
         except NotCached:
             ran.append((t.name, k, False))
-            return local_step(t, run_dir, k, key, **kwargs)
+            return run_here(t, run_dir, k, key, **kwargs)
 
     _log_to_console()
     return run, ran

@@ -175,7 +175,15 @@ def local_step(
     try:
         return cached_step(t, run_dir, k, key)
     except NotCached:
-        pass
+        return run_here(t, run_dir, k, key, **kwargs)
+
+
+def run_here(
+    t: Task, run_dir: str | Path, k: int, key: dict[str, Any], *, label: str = "", background: bool = False,
+    **kwargs: Any,
+) -> Any:  # fmt: skip
+    """The step's own function in this process, its result stored as a Prefect task run stores
+    it (`local_step` once it found no usable stored result)."""
     from prefect.results import ResultRecord, ResultRecordMetadata
     from prefect.serializers import JSONSerializer
 
