@@ -178,33 +178,16 @@ def _base_summary(path: Path) -> None:
 
 def _metrics_table(metrics_json: Path) -> None:
     """The methods x metrics table of a comparison report (percent)."""
-    from sefe_core.analysis import metrics_summary
+    from sefe_core.analysis import headline_rows, metrics_summary
 
-    summary = metrics_summary(metrics_json)
+    rows = headline_rows(metrics_summary(metrics_json))
     t = Table(
-        "method",
-        "stages",
-        "MFT",
-        "MFN",
-        "MAA",
-        "BWT",
-        "forgetting: superficial",
-        "essential",
+        "method", "stages", "MFT", "MFN", "MAA", "BWT", "forgetting: superficial", "essential",
         title="Accuracy (%) and mean forgetting split",
-    )
-
-    def pct(v: float | None) -> str:
-        return "n/a" if v is None else f"{100 * v:.2f}"
-
-    for name in summary["order"]:
-        m = summary["methods"][name]
-        acc, fg = m["metrics"]["accuracy"], m["forgetting_mean"]
+    )  # fmt: skip
+    for row in rows:
         t.add_row(
-            name,
-            str(m["stages"]),
-            *(pct(acc[k]) for k in ("MFT", "MFN", "MAA", "BWT")),
-            pct(fg["superficial"]),
-            pct(fg["essential"]),
+            *("n/a" if v is None else f"{v:.2f}" if isinstance(v, float) else str(v) for v in row.values())
         )
     console.print(t)
 

@@ -208,9 +208,34 @@ def finished_pipeline(cfg: RunConfig) -> dict[str, Any] | None:
 RUNNER = ThreadPoolTaskRunner(max_workers=32)
 
 
+def _differences(value: Any, default: Any) -> Any:
+    """The parts of a config dump that differ from the default's (nested sections kept nested)."""
+    if isinstance(value, dict) and isinstance(default, dict):
+        out = {k: _differences(v, default.get(k)) for k, v in value.items() if v != default.get(k)}
+        return {k: v for k, v in out.items() if v != {}}
+    return value
+
+
+def _begin(config: RunConfig) -> None:
+    """What every flow run says first: where its files go (absolute: a deployment runs in the
+    directory `prefect deploy` ran in) and what differs from the embedded default (the UI's
+    Parameters tab shows `{}` for a default run); and the libraries' per-load noise off."""
+    import json
+
+    from sefe_core.progress import quiet_libraries
+
+    quiet_libraries()
+    changed = _differences(config.model_dump(mode="json"), RunConfig().model_dump(mode="json"))
+    get_run_logger().info(
+        "run directory: %s; config fields that differ from the default: %s",
+        config.run_dir.absolute(), json.dumps(changed) if changed else "none",
+    )  # fmt: skip
+
+
 @flow(name="sefe-pipeline", log_prints=True, task_runner=RUNNER)
 def sefe_pipeline(config: RunConfig = RunConfig()) -> dict[str, Any]:  # noqa: B008 (the UI form shows the default)
     """ASD once, then every chosen method over the sequence, then the comparison report."""
+    _begin(config)
     before = counters.snapshot()
     workers.start(config.worker_count)  # their imports overlap preparing and ASD
     with run_lock(config.run_dir):
@@ -224,6 +249,7 @@ def sefe_pipeline(config: RunConfig = RunConfig()) -> dict[str, Any]:  # noqa: B
 @flow(name="sefe-asd", log_prints=True)
 def asd_flow(config: RunConfig = RunConfig()) -> dict[str, dict[str, Any]]:  # noqa: B008
     """ASD of every task of the benchmark: `<run_dir>/data/<task>.parquet` (+ rejects)."""
+    _begin(config)
     with run_lock(config.run_dir):
         bench, _ = prepare_dag(config)
         return asd_dag(config, bench)
@@ -233,6 +259,7 @@ def asd_flow(config: RunConfig = RunConfig()) -> dict[str, dict[str, Any]]:  # n
 def continual_flow(config: RunConfig = RunConfig(), method: str = "sefe") -> dict[str, Any]:  # noqa: B008
     """One method over the task sequence (ASD first if the method trains on ASD data)."""
     variant(method)  # an unknown name fails before anything runs
+    _begin(config)
     workers.start(config.worker_count)
     with run_lock(config.run_dir):
         bench, base = prepare_dag(config)
@@ -245,40 +272,45 @@ def continual_flow(config: RunConfig = RunConfig(), method: str = "sefe") -> dic
 def report_flow(config: RunConfig = RunConfig()) -> dict[str, Any]:  # noqa: B008
     """Rebuild the comparison report from the predictions already on disk (the nightly refresh
     of a long run: methods still training are left out; nothing is trained or evaluated)."""
+    from sefe_core.evaluate import run_methods
     from sefe_core.report import build_report
 
-    run_dir = config.run_dir
-    methods = [m for m in config.methods if (run_dir / m).is_dir()]
-    if not methods:
-        raise FileNotFoundError(f"no method directories under {run_dir}: nothing to report yet")
+    _begin(config)
+    run_dir = config.run_dir.absolute()
+    methods = [m for m in config.methods if m in run_methods(run_dir)]
+    if not methods:  # not a failure: the night before the first stage is evaluated
+        get_run_logger().warning(
+            "nothing to report yet: no predictions under %s for %s. They come from the runs that "
+            "train and evaluate (deployments coin-sefe, minicoin-demo, or `sefe run`) on this run "
+            "directory.", run_dir, ", ".join(config.methods),
+        )  # fmt: skip
+        return {"dir": None, "metrics": None, "methods": []}
     out = build_report(run_dir, methods=methods)
-    comparison = {"dir": str(out), "metrics": str(out / "metrics.json")}
+    comparison = {"dir": str(out), "metrics": str(out / "metrics.json"), "methods": methods}
     _publish(comparison)
     return comparison
 
 
 def _publish(comparison: dict[str, Any]) -> None:
-    """The methods x metrics table and the report as Prefect artifacts (shown in the UI)."""
-    from sefe_core.analysis import metrics_summary
+    """The comparison as Prefect artifacts (the UI's Artifacts tab): the headline table in run
+    order, every metric in a second table, and the report with its plots inlined."""
+    from sefe_core.analysis import full_rows, headline_rows, metrics_summary
+    from sefe_core.report import self_contained_markdown
 
     summary = metrics_summary(comparison["metrics"])
-    rows = []
-    for method, m in summary["methods"].items():
-        row: dict[str, Any] = {"method": method}
-        for matrix, values in m["metrics"].items():
-            for name, v in values.items():
-                row[f"{matrix}.{name}"] = None if v is None else round(100 * v, 2)
-        for part, v in m["forgetting_mean"].items():
-            row[f"forgetting.{part}"] = None if v is None else round(100 * v, 2)
-        rows.append(row)
-    create_table_artifact(rows, key="sefe-metrics", description="methods x metrics (percent)")
-    report = Path(comparison["dir"]) / "report.md"
-    plots = sorted(p.name for p in Path(comparison["dir"]).glob("*.png"))
+    report_dir = Path(comparison["dir"]).resolve()
+    create_table_artifact(
+        headline_rows(summary),
+        key="sefe-metrics",
+        description="Methods in run order: accuracy metrics and the mean forgetting split (percent)",
+    )
+    create_table_artifact(
+        full_rows(summary),
+        key="sefe-metrics-full",
+        description="Every metric of the accuracy, format and content matrices (percent)",
+    )
     create_markdown_artifact(
-        report.read_text()
-        + f"\n\nReport directory: `{comparison['dir']}`; plots: "
-        + ", ".join(f"`{p}`" for p in plots)
-        + "\n",
+        self_contained_markdown(report_dir / "report.md") + f"\n\nReport directory: `{report_dir}`\n",
         key="sefe-report",
         description="SEFE comparison report",
     )

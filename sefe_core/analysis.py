@@ -91,3 +91,43 @@ def metric_records(reports: Sequence[MethodReport]) -> list[MetricRecord]:
 def metrics_summary(path: str | Path) -> dict[str, Any]:
     """Read a comparison metrics.json back (for the CLI and tests)."""
     return json.loads(Path(path).read_text())
+
+
+HEADLINE = ("MFT", "MFN", "MAA", "BWT")
+
+
+def _pct(v: float | None) -> float | None:
+    return None if v is None else round(100 * v, 2)
+
+
+def headline_rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per method in run order: stages, the accuracy metrics and the forgetting split, in
+    percent (what a reader compares first: the CLI table and the UI's compact artifact)."""
+    rows = []
+    for name in summary["order"]:
+        m = summary["methods"][name]
+        acc, fg = m["metrics"]["accuracy"], m["forgetting_mean"]
+        rows.append(
+            {
+                "method": name,
+                "stages": m["stages"],
+                **{k: _pct(acc[k]) for k in HEADLINE},
+                "superficial forgetting": _pct(fg["superficial"]),
+                "essential forgetting": _pct(fg["essential"]),
+            }
+        )
+    return rows
+
+
+def full_rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every metric of every matrix (accuracy, format, content) and every forgetting figure, one
+    row per method in run order, in percent."""
+    rows = []
+    for name in summary["order"]:
+        m = summary["methods"][name]
+        row: dict[str, Any] = {"method": name}
+        for matrix, values in m["metrics"].items():
+            row.update({f"{matrix} {metric}": _pct(v) for metric, v in values.items()})
+        row.update({f"forgetting {part}": _pct(v) for part, v in m["forgetting_mean"].items()})
+        rows.append(row)
+    return rows

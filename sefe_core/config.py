@@ -34,6 +34,11 @@ class BenchmarkConfig(BaseModel):
             )
         return self
 
+    @property
+    def task_names(self) -> tuple[str, ...]:
+        """The task sequence, in order."""
+        return (self.coin if self.name == "coin" else self.minicoin).tasks
+
 
 class ModelConfig(BaseModel):
     """`tiny` builds the embedded model offline; `pretrained` loads a local llava-hf directory."""
@@ -92,7 +97,9 @@ class RunConfig(BaseModel):
 
     @property
     def run_dir(self) -> Path:
-        return Path(self.runs_root) / self.experiment
+        """Absolute (against the working directory), so that logs, reports and the UI say
+        where the files are, whichever directory the reader is in."""
+        return (Path(self.runs_root) / self.experiment).absolute()
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:

@@ -10,6 +10,8 @@ number is computed from the methods' `predictions.parquet` files, which the repo
 
 from __future__ import annotations
 
+import base64
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -208,7 +210,7 @@ def _matrix_md(a: np.ndarray, tasks: Sequence[str]) -> str:
     return _md_table(["stage \\ task", *tasks], rows)
 
 
-def _method_markdown(rep: MethodReport) -> str:
+def _method_markdown(rep: MethodReport, loss_plot: bool = False) -> str:
     t = len(rep.matrices.tasks)
     status = "complete" if rep.matrices.complete else f"in progress: {t} stage(s) so far"
     parts = [
@@ -277,6 +279,8 @@ def _method_markdown(rep: MethodReport) -> str:
         parts.append("![superficial vs essential forgetting per task](forgetting.png)\n")
     else:
         parts.append("A single stage: nothing to forget yet.\n")
+    if loss_plot:
+        parts.append("## Training loss\n\n![training loss per task](loss.png)\n")
     parts.append(
         "## Sources\n\nEvery number above is an average over these prediction files "
         "(one row per stage, evaluated task and sample):\n"
@@ -294,7 +298,7 @@ def write_method_report(rep: MethodReport) -> Path:
     write_json(out / "metrics.json", rep.to_json())
     _save(_matrices_figure(rep), out / "matrices.png")
     _save(_forgetting_figure(rep), out / "forgetting.png")
-    _write_text(out / "report.md", _method_markdown(rep))
+    _write_text(out / "report.md", _method_markdown(rep, _save_loss_figure([rep], out / "loss.png")))
     return out
 
 
@@ -370,6 +374,54 @@ def _comparison_forgetting_figure(reports: Sequence[MethodReport]) -> Figure:
     return fig
 
 
+def loss_curves(rep: MethodReport) -> dict[str, list[tuple[int, float]]]:
+    """Task -> its training loss per logged step (train.json's `loss_curve`; tasks trained
+    before it was recorded have none)."""
+    import json
+
+    out = {}
+    for task in rep.matrices.tasks:
+        info = rep.dir.parent / f"task-{task}" / "train.json"
+        if info.exists():
+            curve = json.loads(info.read_text()).get("loss_curve") or []
+            if curve:
+                out[task] = [(int(s), float(v)) for s, v in curve]
+    return out
+
+
+def _loss_figure(reports: Sequence[MethodReport]) -> Figure | None:
+    """One panel per method, one line per task: the loss over that task's optimizer steps."""
+    curves = [(r.method, loss_curves(r)) for r in reports]
+    curves = [(m, c) for m, c in curves if c]
+    if not curves:
+        return None
+    cols = min(3, len(curves))
+    rows = (len(curves) + cols - 1) // cols
+    fig, axes = plt.subplots(
+        rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False, layout="constrained"
+    )
+    for ax, (method, by_task) in zip(axes.flat, curves, strict=False):
+        for task, curve in by_task.items():
+            ax.plot(*zip(*curve, strict=True), label=task, linewidth=1.2)
+        ax.set_title(f"{method}: training loss per task")
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("loss")
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(curves) :]:
+        ax.set_axis_off()
+    axes.flat[0].legend(fontsize=7)
+    return fig
+
+
+def _save_loss_figure(reports: Sequence[MethodReport], path: Path) -> bool:
+    fig = _loss_figure(reports)
+    if fig is None:
+        path.unlink(missing_ok=True)
+        return False
+    _save(fig, path)
+    return True
+
+
 def _comparison_matrices_figure(reports: Sequence[MethodReport]) -> Figure:
     n = len(reports)
     cols = n if n <= 4 else 3
@@ -390,7 +442,7 @@ def _comparison_matrices_figure(reports: Sequence[MethodReport]) -> Figure:
     return fig
 
 
-def _comparison_markdown(run_dir: Path, reports: Sequence[MethodReport]) -> str:
+def _comparison_markdown(run_dir: Path, reports: Sequence[MethodReport], loss_plot: bool = False) -> str:
     tasks = max((r.matrices.tasks for r in reports), key=len)
     parts = [
         f"# Run report: `{run_dir.name}`\n\n",
@@ -472,9 +524,12 @@ def _comparison_markdown(run_dir: Path, reports: Sequence[MethodReport]) -> str:
         parts.append(_md_table(["method", *split_tasks], cells))
     parts.append(
         "\n![superficial vs essential forgetting](forgetting.png)\n\n## Accuracy matrices\n\n"
-        "![accuracy matrix per method](matrices.png)\n\n## Per-method reports\n\n"
+        "![accuracy matrix per method](matrices.png)\n\n"
     )
-    parts += [f"- [`{r.method}`](../{r.method}/{REPORT_DIR}/report.md)\n" for r in reports]
+    if loss_plot:
+        parts.append("## Training loss\n\n![training loss per task and method](loss.png)\n\n")
+    parts.append("## Per-method reports\n\n")
+    parts += [f"- [{r.method}](../{r.method}/{REPORT_DIR}/report.md)\n" for r in reports]
     return "".join(parts)
 
 
@@ -521,5 +576,29 @@ def build_report(
     _save(_metrics_figure(reports), out / "metrics.png")
     _save(_comparison_forgetting_figure(reports), out / "forgetting.png")
     _save(_comparison_matrices_figure(reports), out / "matrices.png")
-    _write_text(out / "report.md", _comparison_markdown(run_dir, reports))
+    loss_plot = _save_loss_figure(reports, out / "loss.png")
+    _write_text(out / "report.md", _comparison_markdown(run_dir, reports, loss_plot))
     return out
+
+
+_IMAGE = re.compile(r"!\[([^\]]*)\]\(([^)\s]+\.png)\)")
+_LINK = re.compile(r"(?<!!)\[([^\]]*)\]\(([^)\s:]+)\)")
+
+
+def self_contained_markdown(report_md: str | Path) -> str:
+    """The report as one document that needs no files beside it (a Prefect UI artifact): plots
+    inlined as PNG data URIs, links to files beside it turned into their absolute paths (a
+    relative link would resolve against the UI's own URL)."""
+    report_md = Path(report_md).resolve()
+    here = report_md.parent
+
+    def image(m: re.Match[str]) -> str:
+        png = here / m.group(2)
+        if not png.is_file():
+            return f"*({m.group(1)}: {png} is missing)*"
+        return f"![{m.group(1)}](data:image/png;base64,{base64.b64encode(png.read_bytes()).decode()})"
+
+    def link(m: re.Match[str]) -> str:
+        return f"{m.group(1)}: `{(here / m.group(2)).resolve()}`"
+
+    return _LINK.sub(link, _IMAGE.sub(image, report_md.read_text()))

@@ -241,6 +241,10 @@ def train_task(
             "seconds": seconds,
             "final_loss": final_loss,
             "train_loss": float(out.training_loss),
+            # every logged step (a resumed task's history comes back from its checkpoint)
+            "loss_curve": [
+                [int(h["step"]), float(h["loss"])] for h in trainer.state.log_history if "loss" in h
+            ],
             "final_reg_penalty": trainer.last_penalty,
             "artifact_bytes": artifact.stat().st_size if artifact is not None else 0,
             "priors": [p.name for p in priors],

@@ -39,7 +39,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 class TrainConfig(BaseModel):
     """Per-task training settings. Defaults = the reference setup (CoIN, LLaVA-1.5-7B, docs/design.md
     §1); `preset: minicoin` fills in small values for the tiny model on a CPU. Explicit fields
-    always win over the preset."""
+    win over the preset, except one that holds another preset's value (see `_apply_preset`)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -80,6 +80,9 @@ class TrainConfig(BaseModel):
     save_total_limit: int = Field(2, gt=0)
     logging_steps: int = Field(10, gt=0)
     keep_checkpoints: bool = False
+    # where Trainer also sends its logs: "none", "tensorboard" (event files in the task's
+    # checkpoints/runs/, kept with keep_checkpoints; needs `pip install tensorboard`), "wandb", ...
+    report_to: str | list[str] = "none"
     dataloader_num_workers: int = Field(0, ge=0)
     # torch intra-op threads while training on CPU (None: torch's default). The tiny model's
     # matrices are too small to share between cores, and with 2 threads on a busy 2-core machine
@@ -93,11 +96,20 @@ class TrainConfig(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _apply_preset(cls, data: Any) -> Any:
+        """The preset's values under the explicit fields. A field that holds *another* preset's
+        value for it counts as not set: a form (Prefect's UI) submits every field, so switching
+        only "preset" there must switch the values that came with the old one."""
         if isinstance(data, dict):
             preset = data.get("preset", "reference")
             if preset not in PRESETS:
                 return data  # the Literal check reports it
-            return {**PRESETS[preset], **data}
+            chosen = preset_values(preset)
+            others = [preset_values(p) for p in PRESETS if p != preset]
+            explicit = {
+                k: v for k, v in data.items()
+                if k not in chosen or v == chosen[k] or not any(v == o[k] for o in others)
+            }  # fmt: skip
+            return {**chosen, **explicit}
         return data
 
     @classmethod
@@ -112,7 +124,7 @@ class TrainConfig(BaseModel):
         tasks' masks enter through their digests)."""
         from sefe_core.methods import method_of
 
-        skip = {"preset", "save_steps", "save_total_limit", "logging_steps", "keep_checkpoints"}
+        skip = {"preset", "save_steps", "save_total_limit", "logging_steps", "keep_checkpoints", "report_to"}
         skip |= {"dataloader_num_workers", "deepspeed", "cpu_threads", "mask_percent", "reg_lambda"}
         skip |= {"method_settings"}
         common = {k: v for k, v in self.model_dump(mode="json").items() if k not in skip}
@@ -126,6 +138,12 @@ class TrainConfig(BaseModel):
         if not path.exists():
             raise FileNotFoundError(f"deepspeed config {self.deepspeed!r} is neither shipped nor a file")
         return str(path)
+
+
+def preset_values(preset: str) -> dict[str, Any]:
+    """Every field a preset sets, with its value (the class default where the preset keeps it)."""
+    fields = {k for p in PRESETS.values() for k in p}
+    return {k: PRESETS[preset].get(k, TrainConfig.model_fields[k].default) for k in fields}
 
 
 def _run_default_preset(value: Any) -> Any:

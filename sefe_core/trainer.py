@@ -15,6 +15,9 @@ from sefe_core.failpoints import failpoint
 from sefe_core.stage import PROJECTOR_FILE, load_projector, save_projector
 from sefe_core.train_config import TrainConfig
 
+# `train.report_to: tensorboard`: event files in `<task dir>/tensorboard/` (kept: checkpoints are not)
+TENSORBOARD_DIR = "tensorboard"
+
 
 class _GroupedByLength(LengthGroupedSampler):
     """Length-grouped batches over mega-batches of 8 batches. Trainer's sampler sizes mega-batches
@@ -133,6 +136,14 @@ def build_trainer(
     from sefe_core.vlm import EncodedDataset, VLMCollator
 
     cuda = torch.cuda.is_available()
+    report_to = [cfg.report_to] if isinstance(cfg.report_to, str) else list(cfg.report_to)
+    report_to = [] if report_to in (["none"], []) else report_to
+    callbacks = list(callbacks)
+    if "tensorboard" in report_to:  # beside the checkpoints, not inside them: they are deleted at the end
+        from torch.utils.tensorboard import SummaryWriter
+        from transformers.integrations import TensorBoardCallback
+
+        callbacks.append(TensorBoardCallback(SummaryWriter(str(Path(output_dir).parent / TENSORBOARD_DIR))))
     args = TrainingArguments(
         output_dir=str(output_dir),
         per_device_train_batch_size=cfg.per_device_train_batch_size,
@@ -157,7 +168,7 @@ def build_trainer(
         dataloader_num_workers=cfg.dataloader_num_workers,
         remove_unused_columns=False,
         train_sampling_strategy="group_by_length" if cfg.group_by_length else "random",
-        report_to=[],
+        report_to=[r for r in report_to if r != "tensorboard"],
         disable_tqdm=True,
         use_cpu=not cuda,
         deepspeed=cfg.deepspeed_config(),
@@ -171,7 +182,7 @@ def build_trainer(
         if isinstance(samples, torch.utils.data.Dataset)
         else EncodedDataset(list(samples), collator),
         data_collator=collator,
-        callbacks=list(callbacks),
+        callbacks=callbacks,
         regularizer=regularizer,
         reg_lambda=cfg.reg_lambda if reg_lambda is None else reg_lambda,
         projector_lr=cfg.projector_lr if cfg.train_projector else None,

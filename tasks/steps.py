@@ -8,13 +8,15 @@ JSON. It returns paths + sha256 of what it wrote, which become the `key` inputs 
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from prefect import get_run_logger
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
-from prefect.context import TaskRunContext
+from prefect.context import FlowRunContext, TaskRunContext
 
 from sefe_core import counters, keys
 from sefe_core.config import RunConfig
@@ -27,20 +29,41 @@ def _log() -> logging.Logger | logging.LoggerAdapter:
     return get_run_logger() if TaskRunContext.get() is not None else logging.getLogger("sefe")
 
 
-def _progress(key: str, description: str) -> Callable[[int, int], None]:
-    """A progress artifact in a flow (shown in the UI); outside one, a log line every 25%."""
-    if TaskRunContext.get() is not None:
-        artifact = create_progress_artifact(0.0, key=key, description=description)
-        return lambda done, total: update_progress_artifact(artifact, 100.0 * done / max(total, 1))
-    shown: set[int] = set()
+_PHASES: dict[tuple[str, str], Any] = {}  # (flow run, phase) -> its progress artifact's id
+_PHASES_LOCK = threading.Lock()
+LOG_EVERY_S = 30.0  # a long step says where it is this often (a 12 s MiniCoIN task: not at all)
 
-    def log_progress(done: int, total: int) -> None:
-        quarter = 4 * done // max(total, 1)
-        if quarter not in shown:
-            shown.add(quarter)
-            logging.getLogger("sefe").info("%s: %d%%", description, 25 * quarter)
 
-    return log_progress
+def _progress(phase: str, what: str, k: int = 1, of: int = 1) -> Callable[[int, int], None]:
+    """Progress of one part (`k` of `of`) of a phase of the run: `train-lora` over all its tasks,
+    `asd`, `base-model`. In a flow: one progress artifact per phase and flow run, updated in
+    place (a UI card per phase, not per step) with a description that says where it is. In or
+    outside a flow: a log line every LOG_EVERY_S seconds while a step runs."""
+    logger = _log()
+    in_flow = TaskRunContext.get() is not None
+    flow_run = FlowRunContext.get()
+    run_key = (str(flow_run.flow_run.id) if flow_run else "", phase)
+    last = [time.monotonic()]
+    shown = [-1]  # the whole percent the artifact shows (an update is an API call)
+
+    def report(done: int, total: int) -> None:
+        within = done / max(total, 1)
+        pct = 100.0 * (k - 1 + within) / of
+        where = f"{what}: {100 * within:.0f}%" + (f" ({pct:.0f}% of {phase})" if of > 1 else "")
+        now = time.monotonic()
+        if now - last[0] >= LOG_EVERY_S:
+            last[0] = now
+            logger.info("%s", where)
+        if in_flow and int(pct) != shown[0]:
+            shown[0] = int(pct)
+            with _PHASES_LOCK:
+                artifact = _PHASES.get(run_key)
+                if artifact is None:
+                    _PHASES[run_key] = create_progress_artifact(pct, key=_slug(phase), description=where)
+                    return
+            update_progress_artifact(artifact, pct, description=where)
+
+    return report
 
 
 def _cfg(cfg_json: dict[str, Any]) -> RunConfig:
@@ -68,7 +91,9 @@ def prepare_benchmark(run_dir: str, k: int, key: dict, cfg_json: dict) -> dict[s
 def prepare_base_model(run_dir: str, k: int, key: dict, cfg_json: dict) -> dict[str, Any]:
     from sefe_core.prepare import ensure_base_model
 
-    base = ensure_base_model(_cfg(cfg_json))
+    phases = {"vision": _progress("base-model", "base model: vision pre-training (stage 1/2)", 1, 2),
+              "instructions": _progress("base-model", "base model: instruction pre-training (stage 2/2)", 2, 2)}  # fmt: skip
+    base = ensure_base_model(_cfg(cfg_json), progress=lambda phase, done, total: phases[phase](done, total))
     _log().info("base model at %s (held-out loss %.3f)", base.path, base.heldout_loss_after)
     return {"path": str(base.path), "key": base.key, "files": files(Path(base.path) / "config.json")}
 
@@ -80,7 +105,8 @@ def asd(
     from sefe_core.asd import run_asd
 
     cfg = _cfg(cfg_json)
-    progress = _progress(f"asd-{_slug(task)}", f"ASD of {task}")
+    tasks = cfg.benchmark.task_names
+    progress = _progress("asd", f"ASD of task {k}/{len(tasks)} ({task})", k, len(tasks))
     res = run_asd(
         source, image_root, Path(run_dir) / "data", cfg.asd, benchmark=cfg.benchmark.name, progress=progress
     )
@@ -123,7 +149,8 @@ def train(
         res = train_task_launched(*args, trust_remote_code=cfg.model.trust_remote_code, on_line=_log().info)
         counters.add("train_steps", res.steps_run)
     else:  # in a worker process when the run has workers (two methods train at once on 2 cores)
-        progress = _progress(f"train-{_slug(method)}-{k}", f"{method}: training {task}")
+        n = len(cfg.benchmark.task_names)
+        progress = _progress(f"train-{method}", f"{method}: training task {k}/{n} ({task})", k, n)
         res = run_job(
             train_task, *args, workers=cfg.worker_count, serial=True, trust_remote_code=cfg.model.trust_remote_code,
             progress=progress,
@@ -177,7 +204,8 @@ def evaluate(
     cfg = _cfg(cfg_json)
     out = predictions_path(run_dir, method, load_benchmark(bench_dir).tasks[k - 1])
     before = counters.get("generations")
-    progress = _progress(f"eval-{_slug(method)}-{k}", f"{method}: evaluating stage {k} on tasks 1..{k}")
+    n = len(cfg.benchmark.task_names)
+    progress = _progress(f"evaluate-{method}", f"{method}: evaluating stage {k}/{n} on tasks 1..{k}", k, n)
     res = run_job(
         evaluate_stage_dir, base_path, task_dirs, bench_dir, method, out, workers=cfg.worker_count,
         batch_size=cfg.eval.batch_size, trust_remote_code=cfg.model.trust_remote_code, progress=progress,

@@ -25,7 +25,22 @@ def first_run(tmp_path_factory):
     from flows.pipeline import sefe_pipeline
 
     cfg = small_config(tmp_path_factory.mktemp("pipeline"), *TINY)
-    return cfg, sefe_pipeline(cfg)
+    state = sefe_pipeline(cfg, return_state=True)
+    FLOW_RUNS.append(state.state_details.flow_run_id)
+    return cfg, state.result()
+
+
+FLOW_RUNS: list = []  # the first run's id (its artifacts)
+
+
+def _artifacts(flow_run_id) -> list:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    with get_client(sync_client=True) as client:
+        return client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]))
+        )
 
 
 def test_pipeline_runs_every_step(first_run) -> None:
@@ -43,6 +58,49 @@ def test_pipeline_runs_every_step(first_run) -> None:
     metrics = json.loads(Path(out["metrics"]).read_text())
     assert set(metrics["methods"]) == {"lora", "sefe"}
     assert len(list((run / "data").glob("*.rejects.parquet"))) == 8  # ASD ran once, for sefe
+
+
+def test_the_ui_gets_one_progress_card_per_phase_and_a_readable_report(first_run) -> None:
+    """Artifacts a person reads in the UI: progress per (method, phase) updated in place, not
+    one card per step; the headline table in run order; the report with its plots inlined."""
+    cfg, _ = first_run
+    arts = _artifacts(FLOW_RUNS[0])
+    progress = {}
+    for a in arts:
+        if a.type == "progress":
+            assert a.key not in progress, f"two progress cards for {a.key}"
+            progress[a.key] = a
+    assert {"asd", "train-lora", "train-sefe", "evaluate-lora", "evaluate-sefe", "base-model"} <= set(
+        progress
+    )
+    for key in ("train-lora", "train-sefe", "evaluate-lora", "evaluate-sefe"):
+        assert float(progress[key].data) == 100.0, (key, progress[key].data)
+        assert "task 8/8" in progress[key].description or "stage 8/8" in progress[key].description
+    assert len(progress) <= 8  # base model, ASD, and train + evaluate per method
+
+    tables = {a.key: a for a in arts if a.type == "table"}
+    rows = (
+        json.loads(tables["sefe-metrics"].data)
+        if isinstance(tables["sefe-metrics"].data, str)
+        else tables["sefe-metrics"].data
+    )
+    assert [r["method"] for r in rows] == ["lora", "sefe"]  # run order
+    assert set(rows[0]) == {
+        "method",
+        "stages",
+        "MFT",
+        "MFN",
+        "MAA",
+        "BWT",
+        "superficial forgetting",
+        "essential forgetting",
+    }
+    assert "sefe-metrics-full" in tables
+
+    (report,) = [a for a in arts if a.type == "markdown" and a.key == "sefe-report"]
+    assert report.data.count("](data:image/png;base64,") >= 3  # metrics, forgetting, matrices
+    assert "](../" not in report.data and "](metrics.png)" not in report.data
+    assert str(cfg.run_dir.absolute()) in report.data
 
 
 def test_rerun_does_no_work(first_run) -> None:
@@ -146,3 +204,14 @@ def test_sefe_train_and_eval_run_the_dags_steps_that_the_flow_reuses(tmp_path) -
     assert again.output.count("kept") == 2
     bad = runner.invoke(app, ["train", "-m", "reglora", "--until", "99-nothing", *sets], env=env)
     assert bad.exit_code == 2 and "Unknown task" in bad.output
+
+
+def test_nightly_report_before_any_prediction_says_so_without_failing(tmp_path, caplog) -> None:
+    from flows.pipeline import report_flow
+
+    cfg = small_config(tmp_path)
+    with caplog.at_level("WARNING"):
+        state = report_flow(cfg, return_state=True)
+    assert state.is_completed() and state.result()["dir"] is None
+    (msg,) = [r.getMessage() for r in caplog.records if "nothing to report yet" in r.getMessage()]
+    assert str(cfg.run_dir) in msg and "coin-sefe" in msg

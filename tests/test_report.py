@@ -154,3 +154,53 @@ def test_sefe_report_cli(run_dir: Path, tmp_path: Path) -> None:
     assert list(json.loads((copy / "report" / "metrics.json").read_text())["methods"]) == ["sefe"]
     empty = CliRunner().invoke(app, ["report", "--run-dir", str(tmp_path / "empty")])
     assert empty.exit_code == 2 and "no method" in empty.output
+
+
+def test_the_report_for_the_ui_needs_no_files_beside_it(run_dir: Path) -> None:
+    """A Prefect artifact resolves relative links against the UI's URL: plots go inline, links to
+    files become absolute paths."""
+    import base64
+
+    from sefe_core.report import self_contained_markdown
+
+    md = self_contained_markdown(run_dir / "report" / "report.md")
+    images = re.findall(r"!\[[^\]]*\]\(data:image/png;base64,([A-Za-z0-9+/=]+)\)", md)
+    assert len(images) == 3 and all(base64.b64decode(i)[:8] == PNG for i in images)
+    assert "](" not in re.sub(r"\]\(data:image/png;base64,[A-Za-z0-9+/=]+\)", "", md)  # no other link
+    for method in ("lora", "sefe", "asd"):
+        assert f"{method}: `{(run_dir / method / 'report' / 'report.md').resolve()}`" in md
+
+
+def test_loss_curves_from_train_records(tmp_path: Path) -> None:
+    root = tmp_path / "run"
+    fake_run(root, "lora", {})
+    for k, task in enumerate(TASKS):
+        curve = [[s, 2.0 / (s + k)] for s in (10, 20, 30)]
+        (root / "lora" / f"task-{task}" / "train.json").write_text(json.dumps({"loss_curve": curve}))
+    fake_run(root, "sefe", {})  # no train records: no loss panel for it
+    out = build_report(root)
+    assert (out / "loss.png").read_bytes()[:8] == PNG and (root / "lora" / "report" / "loss.png").exists()
+    assert not (root / "sefe" / "report" / "loss.png").exists()
+    assert "## Training loss" in (out / "report.md").read_text()
+    from sefe_core.analysis import analyse_method
+    from sefe_core.report import loss_curves
+
+    assert loss_curves(analyse_method(root, "lora"))["02-textvqa"] == [
+        (10, 2 / 11),
+        (20, 2 / 21),
+        (30, 2 / 31),
+    ]
+
+
+def test_headline_rows_follow_the_run_order(run_dir: Path) -> None:
+    from sefe_core.analysis import full_rows, headline_rows, metrics_summary
+
+    summary = metrics_summary(run_dir / "report" / "metrics.json")
+    rows = headline_rows(summary)
+    assert [r["method"] for r in rows] == ["lora", "asd", "sefe"]
+    lora = summary["methods"]["lora"]
+    assert rows[0]["BWT"] == round(100 * lora["metrics"]["accuracy"]["BWT"], 2)
+    assert rows[0]["essential forgetting"] == round(100 * lora["forgetting_mean"]["essential"], 2)
+    full = full_rows(summary)
+    assert [r["method"] for r in full] == ["lora", "asd", "sefe"]
+    assert {"accuracy MFT", "format BWT", "content MFN", "forgetting superficial_share"} <= set(full[0])

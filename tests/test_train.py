@@ -4,6 +4,7 @@ staging, and resume after a real kill."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -59,6 +60,18 @@ def test_presets_and_run_config_default():
     assert cfg.train.preset == "minicoin" and cfg.train.learning_rate == 0.01
     assert cfg.train.lora_r == TrainConfig.minicoin().lora_r
     assert load_config(None, ["train.preset=reference"]).train.lora_r == 128
+
+
+def test_switching_only_the_preset_in_a_form_switches_its_values():
+    """Prefect's form submits every field: a field still at the old preset's value follows the
+    new preset; a field the user changed stays."""
+    form = RunConfig().model_dump(mode="json")["train"]  # what the UI shows for the default
+    switched = TrainConfig.model_validate({**form, "preset": "reference"})
+    assert switched.model_dump() == TrainConfig().model_dump()
+    edited = TrainConfig.model_validate({**form, "preset": "reference", "learning_rate": 5e-4, "lora_r": 8})
+    assert (edited.learning_rate, edited.lora_r, edited.lora_alpha) == (5e-4, 8, 256)
+    back = TrainConfig.model_validate({**TrainConfig().model_dump(mode="json"), "preset": "minicoin"})
+    assert back.model_dump() == TrainConfig.minicoin().model_dump()
 
 
 def _samples(bench, task: str, n: int) -> list[dict]:
@@ -301,3 +314,25 @@ def test_direct_merge_equals_peft_merge(small_run, first_task):
     assert any("q_proj" in n for n in moved) and any("multi_modal_projector" in n for n in moved)
     for name, p in ref.items():
         torch.testing.assert_close(mine[name], p, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_loss_curve_is_recorded_and_tensorboard_gets_it(small_run, tmp_path):
+    """train.json keeps every logged loss (the report's curve); `report_to: tensorboard` writes
+    event files beside the checkpoints, which survive the checkpoints' removal."""
+    pytest.importorskip("tensorboard")
+    _, bench, base = small_run
+    cfg = _tiny_cfg().model_copy(update={"report_to": "tensorboard", "logging_steps": 1})
+    task_dir = tmp_path / "lora" / f"task-{TASKS[0]}"
+    res = train_task(base.path, [], bench.task_file(TASKS[0]), bench.image_root, task_dir, cfg, "lora")
+    curve = json.loads(res.train_json.read_text())["loss_curve"]
+    assert [s for s, _ in curve] == list(range(1, res.global_step + 1))
+    assert all(math.isfinite(v) and v > 0 for _, v in curve)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    (events,) = [p.parent for p in (task_dir / "tensorboard").rglob("events.out.tfevents.*")]
+    acc = EventAccumulator(str(events))
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("train/loss")] == [s for s, _ in curve]
+    assert not (task_dir / "checkpoints").exists()
+    # not part of what is learned: the same task key with or without TensorBoard
+    assert cfg.key_fields("lora") == _tiny_cfg().model_copy(update={"logging_steps": 1}).key_fields("lora")
