@@ -49,6 +49,61 @@ def _config(path: Path | None, overrides: list[str]):
     raise typer.Exit(2)
 
 
+def _interruptible(flow_call):  # noqa: ANN001, ANN202
+    """Run a flow so that Ctrl-C and SIGTERM stop it within seconds, leaving nothing behind.
+
+    The flow runs in a thread under this run's own temporary Prefect server (flows/server.py:
+    outside the terminal's process group, gone with the run); the main thread only waits, so
+    the signal handlers below run at once. They kill the worker processes and the server and
+    exit: every finished step is stored and training resumes from its last checkpoint, so
+    `sefe run` again continues where this one stopped (as after kill -9)."""
+    import contextvars
+    import logging
+    import signal
+    import threading
+
+    from flows import server
+    from sefe_core import workers
+
+    def stop(signum: int, frame: object) -> None:
+        console.print(
+            f"\n[yellow]{signal.Signals(signum).name}: stopping the run[/] (workers, Prefect server). "
+            "Finished steps are kept: run the same command again to resume."
+        )
+        logging.disable(logging.CRITICAL)  # the steps the kill interrupts would log it as their failure
+        workers.kill()
+        server.stop()
+        os._exit(128 + signum)
+
+    # the pool's semaphores are the resource tracker's to remove once the workers are killed; its
+    # "leaked semaphore" warning at that moment is expected, not news
+    quiet = "ignore::UserWarning:multiprocessing.resource_tracker"
+    os.environ["PYTHONWARNINGS"] = ",".join(w for w in (os.environ.get("PYTHONWARNINGS"), quiet) if w)
+    outcome: dict[str, object] = {}
+
+    def target() -> None:
+        try:
+            outcome["value"] = flow_call()
+        except BaseException as e:  # re-raised in the main thread
+            outcome["error"] = e
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with server.local_server():
+            # in this context: the server's PREFECT_API_URL is a context setting, not inherited by threads
+            context = contextvars.copy_context()
+            thread = threading.Thread(target=context.run, args=(target,), name="sefe-flow", daemon=True)
+            thread.start()
+            while thread.is_alive():
+                thread.join(0.5)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
+
+
 @app.command()
 def run(config: Path | None = ConfigOpt, set_: list[str] = SetOpt) -> None:
     """The main job: the SEFE pipeline flow (benchmark, base model, ASD, every method over the
@@ -77,7 +132,7 @@ def run(config: Path | None = ConfigOpt, set_: list[str] = SetOpt) -> None:
             "steps finished earlier are cache hits)."
         )
         try:
-            out = sefe_pipeline(cfg)
+            out = _interruptible(lambda: sefe_pipeline(cfg))
         except RunDirectoryBusy as e:
             console.print(f"[red]{e}[/]")
             raise typer.Exit(1) from None

@@ -19,7 +19,9 @@ import atexit
 import contextlib
 import multiprocessing as mp
 import os
+import signal
 import threading
+import time
 import uuid
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
@@ -49,12 +51,22 @@ def _init_worker(q: Any, env: dict[str, str]) -> None:
     global _worker_queue
     os.environ.update(env)
     _worker_queue = q
+    # the run decides when to stop: a Ctrl-C to the terminal's process group reaches the workers
+    # too, and the run (flows/cli.py) kills them itself; when the run is gone (kill -9), exit
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    threading.Thread(target=_exit_with, args=(os.getppid(),), daemon=True, name="sefe-parent-watch").start()
     import torch
 
     torch.set_num_threads(1)  # one core per worker: N workers use N cores
     from sefe_core.progress import quiet_libraries
 
     quiet_libraries()
+
+
+def _exit_with(parent: int) -> None:
+    while os.getppid() == parent:
+        time.sleep(1.0)
+    os._exit(1)
 
 
 def _report(job: str, done: int, total: int) -> None:
@@ -115,6 +127,16 @@ def shutdown() -> None:
         pool.shutdown(wait=True, cancel_futures=True)
     if q is not None:
         q.put(None)
+
+
+def kill() -> None:
+    """Stop every worker now, mid-job (the run is being interrupted: what a job had not saved is
+    redone by the rerun, as after kill -9)."""
+    with _lock:
+        pool = _pool
+    for proc in list(getattr(pool, "_processes", {}).values()) if pool is not None else []:
+        with contextlib.suppress(OSError):
+            proc.kill()
 
 
 atexit.register(shutdown)

@@ -48,7 +48,7 @@ def _sefe_run(runs_root: Path, failpoints: str | None) -> subprocess.CompletedPr
         try:
             proc.wait(timeout=600)
         finally:
-            try:  # a SIGKILLed parent cannot stop its temporary Prefect server: do it here
+            try:  # the run's workers (its server has its own session and follows it out)
                 os.killpg(proc.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
@@ -109,3 +109,72 @@ def test_killed_three_times_then_resumed_equals_an_uninterrupted_run(tmp_path: P
     r = _sefe_run(tmp_path, None)
     assert r.returncode == 0, r.stdout[-3000:]
     assert "Run already complete" in r.stdout and "Work done now: 0 training steps, 0 generations" in r.stdout
+
+
+def _processes_with(marker: str) -> list[int]:
+    """Every live process whose environment holds `marker` (the run, its workers, its server)."""
+    found = []
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            if marker.encode() in environ.read_bytes():
+                found.append(int(environ.parent.name))
+        except OSError:
+            pass
+    return found
+
+
+def _interrupt(runs_root: Path, after: Path, how: str) -> tuple[int, float, list[int]]:
+    """Start `sefe run`, wait until `after` exists, interrupt it `how`; (rc, seconds it took to
+    exit, processes of it still alive 5 s later)."""
+    import time
+    import uuid
+
+    marker = f"SEFE_TEST_RUN={uuid.uuid4().hex}"
+    env = {**os.environ, "COLUMNS": "200", marker.split("=")[0]: marker.split("=")[1]}
+    env.pop("SEFE_FAILPOINTS", None)
+    sets = [a for s in [*CONFIG, f"runs_root={runs_root}", "workers=2"] for a in ("--set", s)]
+    with open(runs_root / f"sefe-run-{how}.log", "w") as out:
+        proc = subprocess.Popen(
+            [str(Path(sys.executable).with_name("sefe")), "run", *sets],
+            env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+        try:
+            while not after.exists():
+                assert proc.poll() is None, (runs_root / f"sefe-run-{how}.log").read_text()[-3000:]
+                time.sleep(0.05)
+            t0 = time.monotonic()
+            {
+                "sigint-group": lambda: os.killpg(proc.pid, signal.SIGINT),  # Ctrl-C in a terminal
+                "sigterm": lambda: os.kill(proc.pid, signal.SIGTERM),
+                "sigkill": lambda: os.kill(proc.pid, signal.SIGKILL),
+            }[how]()
+            rc = proc.wait(timeout=60)
+            took = time.monotonic() - t0
+            deadline = time.monotonic() + 5  # a killed run's server and workers notice within ~1 s
+            while _processes_with(marker) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            return rc, took, _processes_with(marker)
+        finally:
+            for pid in _processes_with(marker):  # whatever a failing assertion leaves behind
+                os.kill(pid, signal.SIGKILL)
+
+
+def test_ctrl_c_and_sigterm_stop_the_run_at_once_leave_nothing_and_the_rerun_resumes(
+    tmp_path: Path, uninterrupted
+) -> None:
+    sefe = tmp_path / "minicoin-demo" / "sefe"
+    rc, took, left = _interrupt(tmp_path, sefe / f"task-{TASKS[0]}" / "train.json", "sigint-group")
+    assert (rc, left) == (128 + signal.SIGINT, []) and took < 10, (rc, took, left)
+    log = (tmp_path / "sefe-run-sigint-group.log").read_text()
+    assert "SIGINT: stopping the run" in log and "Traceback" not in log and "leaked" not in log
+
+    rc, took, left = _interrupt(tmp_path, sefe / f"task-{TASKS[1]}" / "train.json", "sigterm")
+    assert (rc, left) == (128 + signal.SIGTERM, []) and took < 10, (rc, took, left)
+
+    # kill -9 cannot be handled: the run's Prefect server and workers exit on their own
+    rc, _, left = _interrupt(tmp_path, sefe / f"task-{TASKS[2]}" / "train.json", "sigkill")
+    assert (rc, left) == (-signal.SIGKILL, [])
+
+    r = _sefe_run(tmp_path, None)
+    assert r.returncode == 0, r.stdout[-3000:]
+    assert _metrics(tmp_path / "minicoin-demo") == uninterrupted
