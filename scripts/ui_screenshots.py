@@ -28,7 +28,8 @@ SMALL = [
     "experiment=ui-screenshots",
     "benchmark.minicoin.n_train=24",
     "benchmark.minicoin.n_test=6",
-    "train.max_steps=3",
+    "train.max_steps=6",
+    "train.logging_steps=1",  # a loss curve in the report
     "methods=[lora,asd,reglora,sefe]",
 ]
 CHROMIUM_FLAGS = [

@@ -49,7 +49,8 @@ def _progress(phase: str, what: str, k: int = 1, of: int = 1) -> Callable[[int, 
     def report(done: int, total: int) -> None:
         within = done / max(total, 1)
         pct = 100.0 * (k - 1 + within) / of
-        where = f"{what}: {100 * within:.0f}%" + (f" ({pct:.0f}% of {phase})" if of > 1 else "")
+        # the phase's percent first: a UI card shows only the description's start
+        where = f"{pct:.0f}% - {what}" + (f", this part {100 * within:.0f}%" if of > 1 else "")
         now = time.monotonic()
         if now - last[0] >= LOG_EVERY_S:
             last[0] = now

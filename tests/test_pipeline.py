@@ -76,6 +76,7 @@ def test_the_ui_gets_one_progress_card_per_phase_and_a_readable_report(first_run
     for key in ("train-lora", "train-sefe", "evaluate-lora", "evaluate-sefe"):
         assert float(progress[key].data) == 100.0, (key, progress[key].data)
         assert "task 8/8" in progress[key].description or "stage 8/8" in progress[key].description
+        assert progress[key].description.startswith("100% - "), progress[key].description
     assert len(progress) <= 8  # base model, ASD, and train + evaluate per method
 
     tables = {a.key: a for a in arts if a.type == "table"}
