@@ -15,7 +15,15 @@ from data_contracts.artifacts import (
     PredictionRecord,
     RejectRecord,
 )
-from data_contracts.atomic import FileInfo, atomic_path, file_info, sha256_file, write_json
+from data_contracts.atomic import (
+    FileInfo,
+    atomic_path,
+    file_info,
+    mismatched,
+    sha256_file,
+    sha256_once,
+    write_json,
+)
 from data_contracts.contract import Contract, ContractError
 
 __all__ = [
@@ -37,6 +45,8 @@ __all__ = [
     "RejectRecord",
     "atomic_path",
     "file_info",
+    "mismatched",
     "sha256_file",
+    "sha256_once",
     "write_json",
 ]

@@ -56,6 +56,30 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+_HASHED: dict[tuple[str, int, int], str] = {}
+
+
+def sha256_once(path: str | Path) -> str:
+    """sha256 of a file, computed once per process for each (path, size, mtime) it is seen with:
+    a run checks every file it reads against its record (an adapter at 7B takes about a second to
+    hash) without hashing it again at every step."""
+    st = Path(path).stat()
+    key = (str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _HASHED:
+        _HASHED[key] = sha256_file(path)
+    return _HASHED[key]
+
+
+def mismatched(path: str | Path, sha256: str) -> str | None:
+    """Why `path` is not the file recorded with `sha256` (None when it is)."""
+    p = Path(path)
+    if not p.is_file():
+        return f"{p} is missing"
+    if sha256_once(p) != sha256:
+        return f"{p} is not the file its record says (sha256 differs: damaged or replaced)"
+    return None
+
+
 def file_info(path: str | Path) -> FileInfo:
     path = Path(path)
     return FileInfo(path=str(path), sha256=sha256_file(path), bytes=path.stat().st_size)

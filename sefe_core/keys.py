@@ -78,7 +78,7 @@ def train_key(
 
 def prior_digests(method: str, prior_task_dirs: Sequence[str | Path]) -> list[list[str | None]]:
     """The `priors` of `train_key` read from the earlier tasks' files (the library's view)."""
-    from data_contracts import sha256_file
+    from data_contracts import sha256_once
 
     artifact = method_of(method).artifact
     out: list[list[str | None]] = []
@@ -88,7 +88,7 @@ def prior_digests(method: str, prior_task_dirs: Sequence[str | Path]) -> list[li
         art = d / artifact if artifact else None
         if art is not None and not art.exists():
             raise FileNotFoundError(f"earlier task {d} has no {artifact} (was its {method} step finished?)")
-        out.append([sha256_file(d / ADAPTER_FILE), sha256_file(art) if art is not None else None])
+        out.append([sha256_once(d / ADAPTER_FILE), sha256_once(art) if art is not None else None])
     return out
 
 

@@ -32,11 +32,16 @@ def mask_size(numel: int, percent: float) -> int:
 
 
 def topk_mask(delta_w: torch.Tensor, percent: float) -> torch.Tensor:
-    """Sorted int32 flat indices of the top `percent`% entries of |ΔW|."""
-    flat = delta_w.detach().reshape(-1)
-    k = mask_size(flat.numel(), percent)
-    idx = torch.topk(flat.abs(), k, sorted=False).indices
-    return idx.sort().values.to(torch.int32).cpu()
+    """Sorted int32 flat indices of the top `percent`% entries of |ΔW|. Ties at the k-th value
+    go to the lowest indices: `torch.topk` picks among equal values arbitrarily (it gave two
+    different masks of one adapter in one process, e.g. where rows of B are still zero), and a
+    mask must be a function of its adapter."""
+    magnitude = delta_w.detach().reshape(-1).abs()
+    k = mask_size(magnitude.numel(), percent)
+    kth = torch.topk(magnitude, k, sorted=False).values.min()
+    above = (magnitude > kth).nonzero().squeeze(1)
+    ties = (magnitude == kth).nonzero().squeeze(1)[: k - above.numel()]
+    return torch.cat([above, ties]).sort().values.to(torch.int32).cpu()
 
 
 def random_mask(shape: tuple[int, int], percent: float, seed: int) -> torch.Tensor:
@@ -112,7 +117,9 @@ def save_mask(mask: Mask, path: str | Path, source: dict[str, Any] | None = None
         save_file(
             {k: v.contiguous() for k, v in mask.indices.items()},
             str(tmp),
-            metadata={"format": "pt", "sefe_mask": json.dumps(meta)},
+            # one metadata entry: safetensors writes several in a per-process random order, so the
+            # same mask got another sha256 in another process (and the tasks after it retrained)
+            metadata={"sefe_mask": json.dumps(meta)},
         )
     return path
 

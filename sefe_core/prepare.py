@@ -7,13 +7,15 @@ them, and appear atomically, so a second call (or a resumed run) reuses them.
 from __future__ import annotations
 
 import json
+import logging
 import random
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from data_contracts import INSTRUCTIONS, atomic_path, write_json
+from data_contracts import INSTRUCTIONS, atomic_path, mismatched, write_json
 from sefe_core.coin import build_coin, input_fingerprint
 from sefe_core.config import RunConfig
 from sefe_core.hashing import config_hash
@@ -21,6 +23,8 @@ from sefe_core.minicoin import build_minicoin
 from sefe_core.registry import task_spec
 from sefe_core.scorers import judge
 from sefe_core.tiny_config import BaseModel
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -56,6 +60,20 @@ def load_benchmark(path: str | Path) -> Benchmark:
     )
 
 
+def _reusable(final: Path) -> Benchmark | None:
+    """The benchmark already at `final` if every task file is the one its index records; a
+    damaged or replaced one means the directory is rebuilt (never re-blessed as it is)."""
+    if not (final / "benchmark.json").exists():
+        return None
+    bench = load_benchmark(final)
+    problems = [m for t in bench.tasks if (m := mismatched(bench.task_file(t), bench.sha256[t]))]
+    if not problems:
+        return bench
+    log.warning("benchmark %s is rebuilt: %s", final, "; ".join(problems))
+    shutil.rmtree(final)
+    return None
+
+
 def ensure_benchmark(cfg: RunConfig) -> Benchmark:
     """The run's benchmark directory, built once per config (and, for CoIN, per input files)."""
     if cfg.benchmark.name == "coin":
@@ -63,9 +81,8 @@ def ensure_benchmark(cfg: RunConfig) -> Benchmark:
     mc = cfg.benchmark.minicoin
     key = config_hash({"name": cfg.benchmark.name, "minicoin": asdict(mc)})
     final = cfg.run_dir / "benchmark" / f"{cfg.benchmark.name}-{key}"
-    index = final / "benchmark.json"
-    if index.exists():
-        return load_benchmark(final)
+    if (bench := _reusable(final)) is not None:
+        return bench
     t0 = time.perf_counter()
     with atomic_path(final) as tmp:
         infos = build_minicoin(tmp, mc)
@@ -97,8 +114,8 @@ def _ensure_coin(cfg: RunConfig) -> Benchmark:
     assert cc is not None  # BenchmarkConfig's validator guarantees it
     key = config_hash({"name": "coin", "coin": cc, "inputs": input_fingerprint(cc)})
     final = cfg.run_dir / "benchmark" / f"coin-{key}"
-    if (final / "benchmark.json").exists():
-        return load_benchmark(final)
+    if (bench := _reusable(final)) is not None:
+        return bench
     t0 = time.perf_counter()
     with atomic_path(final) as tmp:
         build = build_coin(tmp, cc)

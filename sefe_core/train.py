@@ -119,6 +119,38 @@ def task_key(
     return keys.digest(keys.train_key(cfg, method, data_digest, keys.base_identity(base_path), priors))
 
 
+def _outputs(task_dir: Path) -> list[Path]:
+    """The files a finished task is (what later tasks and the evaluation read)."""
+    return [
+        p
+        for p in (task_dir / ADAPTER_DIR / "adapter_model.safetensors", task_dir / PROJECTOR_FILE)
+        if p.exists()
+    ]
+
+
+def _damaged_outputs(task_dir: Path) -> list[str]:
+    """What of a finished task's outputs is not what its train.json recorded (a task recorded
+    before train.json kept hashes counts as intact)."""
+    from data_contracts import mismatched
+
+    recorded = json.loads((task_dir / TRAIN_JSON).read_text()).get("files")
+    if recorded is None:  # recorded before train.json kept hashes: at least each file must load
+        return [why for p in _outputs(task_dir) if (why := _unreadable(p))]
+    return [m for rel, sha in recorded.items() if (m := mismatched(task_dir / rel, sha))]
+
+
+def _unreadable(path: Path) -> str | None:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            for name in f.keys():  # noqa: SIM118 (safe_open has no __iter__)
+                f.get_slice(name)
+    except Exception as e:  # truncated, not safetensors at all
+        return f"{path} cannot be read ({e})"
+    return None
+
+
 def _read_result(task_dir: Path, key: str) -> TrainResult:
     info = json.loads((task_dir / TRAIN_JSON).read_text())
     proj = task_dir / PROJECTOR_FILE
@@ -172,7 +204,14 @@ def train_task(
     samples, digest = _samples(train_records)
     key = task_key(cfg, method, base_path, priors, digest)
     if trained_with(task_dir / TRAIN_JSON) == key:
-        return _read_result(task_dir, key)
+        damaged = _damaged_outputs(task_dir)
+        if not damaged:
+            return _read_result(task_dir, key)
+        log.warning("%s is trained again: %s", task_dir, "; ".join(damaged))
+        for name in (TRAIN_JSON, PROJECTOR_FILE, algo.artifact):
+            if name:
+                (task_dir / name).unlink(missing_ok=True)
+        shutil.rmtree(task_dir / ADAPTER_DIR, ignore_errors=True)
     resume = prepare_task_dir(task_dir, key, method, needs_projector=cfg.train_projector)
     ckpt_dir = task_dir / CHECKPOINTS
 
@@ -230,7 +269,12 @@ def train_task(
             with atomic_path(proj_path) as tmp:
                 save_projector(trainer.model, tmp)
         artifact = algo.after_task(task_dir, cfg)
+        from data_contracts import sha256_once
+
         info = {
+            # what this task is, checked whenever it is found finished (a damaged or swapped
+            # file means it is trained again, never taken as it is)
+            "files": {str(p.relative_to(task_dir)): sha256_once(p) for p in _outputs(task_dir)},
             "config_hash": key,
             "method": method,
             "task": task_dir.name.removeprefix("task-"),

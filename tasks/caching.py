@@ -7,8 +7,8 @@ step does not read never re-runs it. Results persisted by Prefect are small JSON
 (paths + hashes) under `<run_dir>/.prefect-results/<cache key>`; the artifacts are files.
 
 Every result lists the files it stands for (`files`: path -> sha256, bytes, mtime). A cache hit
-whose files were since replaced (a changed config re-ran a step that writes the same path) is
-stale: `run_step` runs the step again instead of returning it.
+whose files are no longer those (damaged, or a changed config re-ran a step that writes the same
+path) is stale: `run_step` runs the step again instead of returning it.
 
 Three runners walk the same DAG (flows/pipeline.py): `run_step` (a Prefect task run, inside the
 flows), `cached_step` (the stored result or NotCached: a finished run shown without Prefect) and
@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 from prefect import Task, task
 from prefect.context import TaskRunContext
 
-from data_contracts import sha256_file
+from data_contracts import mismatched, sha256_once
 from sefe_core.hashing import config_hash
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -57,14 +57,13 @@ def step(name: str, *, retries: int = 0, retry_delay_seconds: float = 2.0) -> Ca
     )
 
 
-def files(*paths: str | Path, known: dict[str, str] | None = None) -> dict[str, dict[str, Any]]:
-    """The `files` entry of a step result: what it wrote, with content hash and stat. `known`
-    (path -> sha256) skips re-hashing files whose hash the step already has."""
+def files(*paths: str | Path) -> dict[str, dict[str, Any]]:
+    """The `files` entry of a step result: what it wrote, with its content hash (of the file as
+    it is now, never a hash remembered from elsewhere) and stat."""
     out = {}
     for p in paths:
         st = Path(p).stat()
-        sha = (known or {}).get(str(p)) or sha256_file(p)
-        out[str(p)] = {"sha256": sha, "bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
+        out[str(p)] = {"sha256": sha256_once(p), "bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
     return out
 
 
@@ -74,17 +73,13 @@ def sha_of(entry: dict[str, dict[str, Any]], path: str | Path) -> str:
 
 
 def intact(result: Any) -> bool:
-    """Are the files a stored result stands for still the ones it wrote? (size + mtime: a
-    rewrite goes through a temp file + rename, so it always changes mtime; no re-hashing of
-    multi-GB adapters on every rerun)."""
-    for path, info in (result or {}).get("files", {}).items():
-        p = Path(path)
-        if not p.exists():
-            return False
-        st = p.stat()
-        if (st.st_size, st.st_mtime_ns) != (info["bytes"], info["mtime_ns"]):
-            return False
-    return True
+    """Are the files a stored result stands for still the ones it wrote? By content (sha256,
+    hashed once per process per file version: sefe_core never re-reads a multi-GB adapter at
+    every step): a file damaged, truncated or swapped for another of the same size makes the
+    result stale, and the step that wrote it runs again."""
+    return all(
+        mismatched(path, info["sha256"]) is None for path, info in (result or {}).get("files", {}).items()
+    )
 
 
 def run_step(

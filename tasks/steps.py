@@ -81,10 +81,7 @@ def prepare_benchmark(run_dir: str, k: int, key: dict, cfg_json: dict) -> dict[s
         "dir": str(bench.dir),
         "tasks": list(bench.tasks),
         "sha256": bench.sha256,
-        "files": files(
-            *(bench.task_file(t) for t in bench.tasks),
-            known={str(bench.task_file(t)): bench.sha256[t] for t in bench.tasks},
-        ),
+        "files": files(*(bench.task_file(t) for t in bench.tasks)),
     }
 
 
@@ -164,7 +161,7 @@ def train(
             f"{task_dir}: recorded under key {res.config_hash}, the flow's is {keys.digest(key)}"
         )
     adapter = res.adapter_dir / "adapter_model.safetensors"
-    written = files(adapter)
+    written = files(adapter, *([res.projector_path] if res.projector_path is not None else []))
     return {
         "task_dir": str(task_dir),
         "key": res.config_hash,

@@ -131,10 +131,13 @@ def test_changing_mask_percent_reruns_masks_and_what_reads_them(first_run) -> No
     assert sorted(
         p.stat().st_mtime_ns for p in (cfg.run_dir / "lora").rglob("adapter_model.safetensors")
     ) == (lora_adapters)
-    # back to the first value: its cached results point at files the change replaced, so they
-    # are stale and run again, and the run ends where it started
+    # back to the first value: cached results whose files the change replaced are stale and run
+    # again (the masks, so the tasks they shape); an evaluation whose predictions came out
+    # byte-identical under both values is still what its result says (files are checked by
+    # content) and is kept. The run ends where it started.
     back = sefe_pipeline(cfg)
-    assert back["work"] == res["work"]
+    assert back["work"]["train_steps"] == res["work"]["train_steps"]
+    assert back["work"]["generations"] <= res["work"]["generations"]
     assert back["sha256"] == out["sha256"]
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import re
 
 import pytest
@@ -209,3 +210,37 @@ def test_lora_targets_language_model_only_and_only_new_lora_is_penalised(small_r
     cfg = TrainConfig.minicoin()
     assert REGISTRY["lora"].penalty(peft_model, [tmp_path], cfg) is None
     assert REGISTRY["reglora"].penalty(peft_model, [], cfg) is None  # first task: nothing to protect
+
+
+def test_topk_mask_breaks_ties_by_index():
+    """A ΔW whose rows of B are still zero has many equal |ΔW| at the threshold: the mask is the
+    same function of ΔW every time (the lowest tied indices), not topk's arbitrary pick."""
+    b = torch.zeros(64, 4)
+    b[:2] = torch.randn(2, 4)  # 2 of 64 rows learned anything: 2 x 64 non-zero entries
+    dw = b @ torch.randn(4, 64)
+    k = mask_size(dw.numel(), 5.0)  # 205 > the 128 non-zero entries: 77 zeros join in
+    idx = topk_mask(dw, 5.0)
+    assert idx.numel() == k
+    nonzero = set(dw.reshape(-1).nonzero().squeeze(1).tolist())
+    assert nonzero <= set(idx.tolist())
+    assert sorted(set(idx.tolist()) - nonzero) == sorted(set(range(4096)) - nonzero)[: k - len(nonzero)]
+    assert all(torch.equal(topk_mask(dw.clone(), 5.0), idx) for _ in range(5))
+
+
+def test_a_mask_file_is_the_same_bytes_in_every_process(tmp_path):
+    """Its sha256 enters the next task's key: a mask saved again in another process (a resumed
+    run) must not look like a new mask (safetensors orders several metadata entries at random)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, torch; from sefe_core.mask import Mask, save_mask; "
+        "m = Mask({'q': torch.arange(7, dtype=torch.int32), 'k': torch.arange(3, dtype=torch.int32)}, "
+        "{'q': (7, 1), 'k': (3, 1)}, 2.0, 'topk'); save_mask(m, sys.argv[1], source={'adapter_sha256': 'x'})"
+    )
+    shas = set()
+    for i in range(4):
+        path = tmp_path / f"m{i}.safetensors"
+        subprocess.run([sys.executable, "-c", code, str(path)], check=True)
+        shas.add(hashlib.sha256(path.read_bytes()).hexdigest())
+    assert len(shas) == 1
