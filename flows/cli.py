@@ -104,6 +104,26 @@ def _interruptible(flow_call):  # noqa: ANN001, ANN202
     return outcome["value"]
 
 
+def _writes_run_dir(fn):  # noqa: ANN001, ANN202
+    """A command that writes under the run directory holds its lock while it runs (as `sefe run`
+    and `sefe train` do): a second writer on the same directory stops at once, with who holds it."""
+    import functools
+
+    @functools.wraps(fn)
+    def locked(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        from sefe_core.runlock import RunDirectoryBusy, run_lock
+
+        run_dir = kwargs.get("run_dir") or _config(kwargs.get("config"), kwargs.get("set_") or []).run_dir
+        try:
+            with run_lock(run_dir):
+                return fn(*args, **kwargs)
+        except RunDirectoryBusy as e:
+            console.print(f"[red]{e}[/]")
+            raise typer.Exit(1) from None
+
+    return locked
+
+
 @app.command()
 def run(config: Path | None = ConfigOpt, set_: list[str] = SetOpt) -> None:
     """The main job: the SEFE pipeline flow (benchmark, base model, ASD, every method over the
@@ -146,11 +166,12 @@ def run(config: Path | None = ConfigOpt, set_: list[str] = SetOpt) -> None:
 
 
 @app.command()
+@_writes_run_dir
 def prepare(config: Path | None = ConfigOpt, set_: list[str] = SetOpt) -> None:
     """Build (or load) the benchmark and the base model and show the base model's zero-shot
     answers: a look at the ground a run stands on, without training anything."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from sefe_core.prepare import ensure_base_model, ensure_benchmark, zero_shot_preview
+    from sefe_core.prepare import ensure_base_model, ensure_benchmark, task_counts, zero_shot_preview
     from sefe_core.registry import task_spec
 
     cfg = _config(config, set_)
@@ -158,19 +179,20 @@ def prepare(config: Path | None = ConfigOpt, set_: list[str] = SetOpt) -> None:
         bench = ensure_benchmark(cfg)
     how = "reused" if bench.reused else f"built in {bench.seconds:.1f} s"
     console.print(f"Benchmark [bold]{bench.name}[/]: {len(bench.tasks)} tasks, {how} -> {bench.dir}")
-    t = Table("task", "CoIN task", "native style", "scorer", "train", "test", "rejected")
-    for name in bench.tasks:
+    t = Table(
+        "task", "CoIN task", "native style", "scorer", "train", "test", "rejected", "top reject reasons"
+    )
+    for name, n in task_counts(bench).items():
         s = task_spec(cfg.benchmark.name, name)
-        mc = cfg.benchmark.minicoin
-        n = (bench.counts or {}).get(name) or {"train": mc.n_train, "test": mc.n_test, "rejected": 0}
+        reasons = ", ".join(f"{why} ({k})" for why, k in n["reasons"].items())
         t.add_row(
-            s.name,
-            s.coin_name,
-            s.native_style,
-            s.scorer,
-            *(str(n.get(k, "")) for k in ("train", "test", "rejected")),
-        )
+            s.name, s.coin_name, s.native_style, s.scorer, str(n["train"]), str(n["test"]), str(n["rejected"]),
+            reasons or "-",
+        )  # fmt: skip
     console.print(t)
+    unknown = (bench.counts or {}).get("unknown_folders")
+    if unknown:
+        console.print(f"[yellow]Folders that are no CoIN task (not loaded):[/] {', '.join(unknown)}")
     base = ensure_base_model(cfg)
     if cfg.model.kind == "tiny":
         how = {"shipped": "the copy shipped in the repository", "built": "built here"}.get(
@@ -279,6 +301,7 @@ def metrics(matrix: Path = MatrixArg, as_json: bool = JsonOpt) -> None:
 
 
 @app.command()
+@_writes_run_dir
 def report(
     run_dir: Path | None = RunDirOpt,
     method: list[str] = MethodOpt,
@@ -305,6 +328,7 @@ EvalMethodOpt = typer.Option(
 
 
 @app.command("eval")
+@_writes_run_dir
 def eval_(
     method: list[str] = EvalMethodOpt, config: Path | None = ConfigOpt, set_: list[str] = SetOpt
 ) -> None:
@@ -401,6 +425,7 @@ AsdTaskOpt = typer.Option([], "--task", "-t", help="Only this task (repeatable);
 
 
 @app.command()
+@_writes_run_dir
 def asd(config: Path | None = ConfigOpt, set_: list[str] = SetOpt, task: list[str] = AsdTaskOpt) -> None:
     """ASD: rewrite asd.percent% of every task's training records into the answer styles it does not
     use (backend `rules`, or `openai` for a served model) into <run_dir>/data/<task>.parquet + rejects."""

@@ -73,7 +73,9 @@ class CoINConfig(BaseModel):
     `max_train` / `max_test` keep a deterministic subsample (seeded by `seed`) per task.
     """
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(
+        extra="forbid", allow_inf_nan=False
+    )  # inf/nan: refused here, not NaN weights later
 
     root: str
     image_root: str | None = None

@@ -20,7 +20,9 @@ class BenchmarkConfig(BaseModel):
     """`minicoin` generates the embedded benchmark; `coin` loads the real CoIN from local files
     (the `coin` section says where)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(
+        extra="forbid", allow_inf_nan=False
+    )  # inf/nan: refused here, not NaN weights later
     name: Literal["minicoin", "coin"] = "minicoin"
     minicoin: MiniCoINConfig = Field(default_factory=MiniCoINConfig)
     coin: CoINConfig | None = None
@@ -43,7 +45,9 @@ class BenchmarkConfig(BaseModel):
 class ModelConfig(BaseModel):
     """`tiny` builds the embedded model offline; `pretrained` loads a local llava-hf directory."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(
+        extra="forbid", allow_inf_nan=False
+    )  # inf/nan: refused here, not NaN weights later
     kind: Literal["tiny", "pretrained"] = "tiny"
     path: str | None = None
     trust_remote_code: bool = False
@@ -58,12 +62,16 @@ DEFAULT_METHODS = ["lora", "asd", "reglora", "sefe", "reglora-random", "l1"]
 class EvalConfig(BaseModel):
     """Generation settings of evaluation (greedy, batched with left padding)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(
+        extra="forbid", allow_inf_nan=False
+    )  # inf/nan: refused here, not NaN weights later
     batch_size: int = Field(64, gt=0)
 
 
 class RunConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(
+        extra="forbid", allow_inf_nan=False
+    )  # inf/nan: refused here, not NaN weights later
     experiment: str = "minicoin-demo"
     runs_root: str = "runs"
     benchmark: BenchmarkConfig = Field(default_factory=BenchmarkConfig)
@@ -121,7 +129,14 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
     data: dict[str, Any] = {}
     if path is not None:
-        loaded = yaml.safe_load(Path(path).read_text())
+        try:
+            loaded = yaml.safe_load(Path(path).read_text())
+        except yaml.YAMLError as e:  # one line: the file, the line, what the parser expected
+            mark = getattr(e, "problem_mark", None)
+            where = f"{path}, line {mark.line + 1}, column {mark.column + 1}" if mark else str(path)
+            raise ValueError(f"{where}: not valid YAML ({getattr(e, 'problem', None) or e})") from None
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path}: not UTF-8 text (byte {e.start})") from None
         if loaded is not None and not isinstance(loaded, dict):
             raise ValueError(f"{path}: a config file must be a mapping, got {type(loaded).__name__}")
         data = loaded or {}

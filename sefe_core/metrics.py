@@ -144,7 +144,13 @@ def read_matrix_csv(path: str | Path) -> tuple[np.ndarray, list[str] | None]:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such matrix file")
-    rows = [r for r in csv.reader(io.StringIO(path.read_text())) if any(c.strip() for c in r)]
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise MatrixError(
+            f"{path}: not UTF-8 text (byte {e.start}): a matrix file is a CSV of numbers"
+        ) from None
+    rows = [r for r in csv.reader(io.StringIO(text)) if any(c.strip() for c in r)]
     if not rows:
         raise MatrixError(f"{path}: empty matrix file")
     header: list[str] | None = None
@@ -176,10 +182,26 @@ def read_matrix_csv(path: str | Path) -> tuple[np.ndarray, list[str] | None]:
             c = c.strip()
             if not c:
                 continue
-            if not _is_number(c):
-                raise MatrixError(f"{path}: row {i + 1}, column {j + 1}: {c!r} is not a number")
+            if not _is_number(c) or not math.isfinite(float(c)):
+                raise MatrixError(f"{path}: row {i + 1}, column {j + 1}: {c!r} is not a finite number")
             values[i, j] = float(c)
+    _check_scale(values, path)
     return check_matrix(values, tasks, source=str(path)), tasks
+
+
+def _check_scale(values: np.ndarray, path: Path) -> None:
+    """Accuracies are fractions (all cells <= 1) or percentages; either way none below 0 or
+    above the scale's top (a cell of 270 is a typo, not an accuracy)."""
+    cells = values[~np.isnan(values)]
+    if not cells.size:
+        return
+    scale, top = ("fractions", 1.0) if cells.max() <= 1 else ("percentages", 100.0)
+    bad = cells[(cells < 0) | (cells > top)]
+    if bad.size:
+        raise MatrixError(
+            f"{path}: {bad[0]:g} is not an accuracy: the file reads as {scale} (largest cell {cells.max():g}), "
+            f"so every cell must be in [0, {top:g}]"
+        )
 
 
 # --------------------------------------------------------------------------------------------

@@ -40,6 +40,18 @@ class MiniCoINConfig:
     n_test: int = 100
     tasks: tuple[str, ...] = field(default_factory=_minicoin_tasks)
 
+    def __post_init__(self) -> None:
+        """Sizes that cannot make a benchmark are refused with the config, before anything runs."""
+        if self.n_train < 1 or self.n_test < 1:
+            raise ValueError(f"n_train and n_test must be at least 1 (got {self.n_train}, {self.n_test})")
+        if not self.tasks:
+            raise ValueError("tasks is empty: name at least one MiniCoIN task")
+        unknown = [t for t in self.tasks if t not in _minicoin_tasks()]
+        if unknown:
+            raise ValueError(f"unknown task(s) {unknown}; MiniCoIN's tasks: {list(_minicoin_tasks())}")
+        if len(set(self.tasks)) != len(self.tasks):
+            raise ValueError(f"a task appears twice in {list(self.tasks)}")
+
 
 # --------------------------------------------------------------------------------------------
 # Writing the benchmark

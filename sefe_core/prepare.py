@@ -48,6 +48,25 @@ class Benchmark:
         return self.dir / f"{task}.parquet"
 
 
+def task_counts(bench: Benchmark) -> dict[str, dict]:
+    """Per task: train and test records as written, rejected records and their top reasons (a
+    loaded benchmark keeps them in its index; a generated one rejects nothing)."""
+    import pyarrow.parquet as pq
+
+    loaded = (bench.counts or {}).get("tasks", {})
+    out = {}
+    for task in bench.tasks:
+        splits = pq.read_table(bench.task_file(task), columns=["split"]).column("split").to_pylist()
+        known = loaded.get(task, {})
+        out[task] = {
+            "train": splits.count("train"),
+            "test": splits.count("test"),
+            "rejected": known.get("rejected", 0),
+            "reasons": known.get("reasons", {}),
+        }
+    return out
+
+
 def load_benchmark(path: str | Path) -> Benchmark:
     """A benchmark directory written by `ensure_benchmark` (its `benchmark.json` index)."""
     path = Path(path)

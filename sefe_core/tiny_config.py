@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -41,6 +42,29 @@ class TinyVLMConfig:
     pretrain_batch: int = 32
     seed: int = 0
     use_shipped: bool = True
+
+    def __post_init__(self) -> None:
+        """Sizes that cannot build a model are refused with the config, before anything runs."""
+        positive = [
+            k
+            for k, v in asdict(self).items()
+            if k not in ("seed", "use_shipped", "pretrain_heldout") and v <= 0
+        ]
+        if positive:
+            raise ValueError(f"must be positive: {', '.join(f'{k}={getattr(self, k)}' for k in positive)}")
+        if self.image_size % self.patch_size:
+            raise ValueError(
+                f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}"
+            )
+        if self.text_hidden % self.text_heads:
+            raise ValueError(
+                f"text_hidden {self.text_hidden} is not a multiple of text_heads {self.text_heads}"
+            )
+        infinite = [k for k, v in asdict(self).items() if isinstance(v, float) and not math.isfinite(v)]
+        if infinite:
+            raise ValueError(f"must be finite: {', '.join(infinite)}")
+        if self.pretrain_heldout < 1:
+            raise ValueError(f"pretrain_heldout must be at least 1 (got {self.pretrain_heldout})")
 
     def key(self) -> str:
         fields = {k: v for k, v in asdict(self).items() if k != "use_shipped"}

@@ -34,7 +34,7 @@ from sefe_core.mask import MASK_FILE
 from sefe_core.resume import CHECKPOINTS, TRAIN_JSON, prepare_task_dir, trained_with
 from sefe_core.stage import PROJECTOR_FILE, save_projector, stage_model
 from sefe_core.train_config import PRESETS, RunTrainConfig, TrainConfig, run_default  # noqa: F401 (re-exported)
-from sefe_core.trainer import FailpointOnSave, build_trainer
+from sefe_core.trainer import FailpointOnSave, StopOnNonFinite, build_trainer, check_finite
 
 log = logging.getLogger(__name__)
 
@@ -231,7 +231,7 @@ def train_task(
     penalty = algo.penalty(model, priors, cfg)
     from sefe_core.progress import StepCounter, step_progress
 
-    callbacks = [*callbacks, FailpointOnSave(), StepCounter()]
+    callbacks = [*callbacks, FailpointOnSave(), StepCounter(), StopOnNonFinite(str(task_dir))]
     if progress is not None:
         callbacks.append(step_progress(progress))
     trainer = build_trainer(
@@ -258,6 +258,7 @@ def train_task(
     seconds = time.perf_counter() - t0
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     final_loss = float(losses[-1]) if losses else float(out.training_loss)
+    check_finite(trainer.model, str(task_dir))
 
     proj_path = task_dir / PROJECTOR_FILE if cfg.train_projector else None
     if trainer.is_world_process_zero():

@@ -3,6 +3,7 @@ projector learning rate, the projector in every checkpoint, and length-grouped b
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -189,6 +190,36 @@ def build_trainer(
     )
     trainer.remove_callback(PrinterCallback)
     return trainer
+
+
+class NonFiniteTraining(FloatingPointError):
+    """The loss or the weights of a task became inf/nan: nothing of it is saved as trained."""
+
+
+class StopOnNonFinite(TrainerCallback):
+    """Fail the task at the first non-finite logged loss (a diverged learning rate), naming the
+    step and the settings to look at, instead of saving NaN adapters as a finished task."""
+
+    def __init__(self, task: str):
+        self.task = task
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kwargs: Any) -> None:
+        loss = (logs or {}).get("loss")
+        if loss is not None and not math.isfinite(loss):
+            raise NonFiniteTraining(
+                f"{self.task}: the training loss is {loss} at step {state.global_step} (learning_rate "
+                f"{args.learning_rate}, max_grad_norm {args.max_grad_norm}): training diverged; "
+                "nothing was saved as trained"
+            )
+
+
+def check_finite(model: torch.nn.Module, task: str) -> None:
+    """Every trainable weight finite, before the task's adapter is saved as trained."""
+    bad = [n for n, p in model.named_parameters() if p.requires_grad and not torch.isfinite(p).all()]
+    if bad:
+        raise NonFiniteTraining(
+            f"{task}: {len(bad)} trained weights are not finite (e.g. {bad[0]}); nothing was saved"
+        )
 
 
 class FailpointOnSave(TrainerCallback):

@@ -17,6 +17,7 @@ flows), `cached_step` (the stored result or NotCached: a finished run shown with
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -43,18 +44,53 @@ def _prefect_cache_key(ctx: TaskRunContext, params: dict[str, Any]) -> str:
     return cache_key(ctx.task.name, params["k"], params["key"])
 
 
+RUN = "{run_dir}"  # how a stored result spells the run directory (run directories are relocatable)
+
+
+def _portable(value: Any, run_dir: str) -> Any:
+    """A step result as it is stored: paths inside the run directory relative to it, so a copied
+    or moved run directory finds its own files, not the original's."""
+    if isinstance(value, str):
+        return RUN + value[len(run_dir) :] if value == run_dir or value.startswith(run_dir + "/") else value
+    if isinstance(value, dict):
+        return {_portable(k, run_dir): _portable(v, run_dir) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_portable(v, run_dir) for v in value]
+    return value
+
+
+def _local(value: Any, run_dir: str | Path) -> Any:
+    """A stored result with its paths in the run directory it is read from."""
+    if isinstance(value, str):
+        return str(run_dir) + value[len(RUN) :] if value.startswith(RUN) else value
+    if isinstance(value, dict):
+        return {_local(k, run_dir): _local(v, run_dir) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_local(v, run_dir) for v in value]
+    return value
+
+
 def step(name: str, *, retries: int = 0, retry_delay_seconds: float = 2.0) -> Callable[[F], Task]:
     """A cached pipeline step. Its function takes `run_dir`, `k` (task index, 0 for run-level
-    steps) and `key` (what the cache key hashes) before anything else."""
-    return task(
-        name=name,
-        cache_key_fn=_prefect_cache_key,
-        persist_result=True,
-        result_serializer="json",
-        retries=retries,
-        retry_delay_seconds=retry_delay_seconds,
-        cache_expiration=None,
-    )
+    steps) and `key` (what the cache key hashes) before anything else; what it returns is stored
+    with run-directory paths made relative (the runners below give them back absolute)."""
+
+    def decorate(fn: F) -> Task:
+        @functools.wraps(fn)
+        def stored(run_dir: str, k: int, key: dict, *args: Any, **kwargs: Any) -> Any:
+            return _portable(fn(run_dir, k, key, *args, **kwargs), str(run_dir))
+
+        return task(
+            name=name,
+            cache_key_fn=_prefect_cache_key,
+            persist_result=True,
+            result_serializer="json",
+            retries=retries,
+            retry_delay_seconds=retry_delay_seconds,
+            cache_expiration=None,
+        )(stored)
+
+    return decorate
 
 
 def files(*paths: str | Path) -> dict[str, dict[str, Any]]:
@@ -106,9 +142,9 @@ def run_step(
 
 
 def _settle(call: Task, params: dict[str, Any], state: Any) -> Any:
-    result = state.result()
+    result = _local(state.result(), params["run_dir"])
     if state.name == "Cached" and not intact(result):
-        result = call.with_options(refresh_cache=True)(**params)
+        result = _local(call.with_options(refresh_cache=True)(**params), params["run_dir"])
     return result
 
 
@@ -146,7 +182,7 @@ def cached_step(
     from prefect.results import ResultRecord
 
     try:
-        result = ResultRecord.deserialize(path.read_bytes()).result
+        result = _local(ResultRecord.deserialize(path.read_bytes()).result, run_dir)
     except Exception as e:  # unreadable record: let the real run overwrite it
         raise NotCached(f"{path.name}: {e}") from e
     if not intact(result):
@@ -192,4 +228,4 @@ def run_here(
     )
     with atomic_path(path) as tmp:
         tmp.write_bytes(record.serialize())
-    return result
+    return _local(result, run_dir)

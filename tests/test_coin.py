@@ -370,3 +370,26 @@ def test_missing_ground_truth_file_names_the_option(coin_root: Path, tmp_path: P
     assert b.tasks["07-vqav2"].test == 2
     with pytest.raises(CoINError, match="no usable test records"):
         build_coin(tmp_path / "c", CoINConfig(root=str(coin_root), tasks=("04-gqa",), gqa_questions=None))
+
+
+def test_sefe_prepare_shows_the_loaded_counts(coin_bench) -> None:
+    """The check docs/reproduce-coin.md has users run before GPU time: the counts are CoIN's."""
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+    from sefe_core.prepare import task_counts
+
+    cfg, bench = coin_bench
+    counts = task_counts(bench)
+    for task, (n_train, n_test, n_rej, reasons) in EXPECTED.items():
+        assert counts[task] == {"train": n_train, "test": n_test, "rejected": n_rej, "reasons": reasons}, task
+    res = CliRunner().invoke(
+        app, ["prepare", "--set", f"runs_root={cfg.runs_root}", "--set", "benchmark.name=coin",
+              "--set", f"benchmark.coin.root={cfg.benchmark.coin.root}"], env={"COLUMNS": "250"},
+    )  # fmt: skip
+    assert res.exit_code == 0, res.output
+    for task, (n_train, n_test, n_rej, _) in EXPECTED.items():
+        (row,) = [ln for ln in res.output.splitlines() if f" {task} " in ln and "│" in ln][:1]
+        cells = [c.strip() for c in row.split("│")]
+        assert cells[5:8] == [str(n_train), str(n_test), str(n_rej)], row
+    assert "Flickr30k" in res.output

@@ -100,3 +100,111 @@ def test_finished_task_recorded_without_hashes_is_checked_for_readability(small_
         f.truncate(adapter.stat().st_size - 100)
     res = train_task(base.path, [], bench.task_file(TASKS[0]), bench.image_root, d, cfg, "lora")
     assert res.steps_run == 2 and sha256_file(adapter) == good
+
+
+def test_a_diverging_task_fails_with_a_named_error_and_saves_nothing(small_run, tmp_path) -> None:
+    from sefe_core.train import TrainConfig, train_task
+    from sefe_core.trainer import NonFiniteTraining
+
+    _, bench, base = small_run
+    cfg = TrainConfig.minicoin(max_steps=4, logging_steps=1, learning_rate=1e30, max_grad_norm=0.0, lora_r=4)
+    d = tmp_path / "lora" / f"task-{TASKS[0]}"
+    with pytest.raises(NonFiniteTraining, match="training diverged|not finite"):
+        train_task(base.path, [], bench.task_file(TASKS[0]), bench.image_root, d, cfg, "lora")
+    assert not (d / "train.json").exists() and not (d / "adapter").exists()
+
+
+@pytest.mark.parametrize(
+    "override, says",
+    [
+        ("benchmark.minicoin.n_train=0", "n_train and n_test must be at least 1"),
+        ("benchmark.minicoin.n_test=0", "n_train and n_test must be at least 1"),
+        ("benchmark.minicoin.tasks=[]", "tasks is empty"),
+        ("benchmark.minicoin.tasks=[01-scienceqa,09-nope]", "unknown task(s) ['09-nope']"),
+        ("model.tiny.pretrain_samples=0", "must be positive: pretrain_samples=0"),
+        ("model.tiny.image_size=0", "must be positive: image_size=0"),
+        ("train.learning_rate=.inf", "train.learning_rate: Input should be a finite number"),
+        ("asd.percent=.nan", "asd.percent: Input should be a finite number"),
+    ],
+)
+def test_configs_that_cannot_work_are_one_line_errors_before_anything_runs(tmp_path, override, says) -> None:
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    res = CliRunner().invoke(
+        app, ["run", "--set", f"runs_root={tmp_path}", "--set", override], env={"COLUMNS": "300"}
+    )
+    assert res.exit_code == 2, res.output
+    assert says in res.output and "Traceback" not in res.output
+    assert not any(tmp_path.iterdir())  # refused before anything was written
+
+
+@pytest.mark.parametrize(
+    "content, says",
+    [
+        (b"90,\n80,270\n", "270 is not an accuracy: the file reads as percentages"),
+        (b"0.9,\n-0.1,0.8\n", "-0.1 is not an accuracy: the file reads as fractions"),
+        (b"0.9,\ninf,0.8\n", "'inf' is not a finite number"),
+        (b"0.9,\nnan,0.8\n", "'nan' is not a finite number"),
+        (b"0.9,\n0.8,\xff\xfe\n", "not UTF-8 text"),
+    ],
+)
+def test_sefe_metrics_refuses_what_is_not_an_accuracy_matrix(tmp_path, content, says) -> None:
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    f = tmp_path / "m.csv"
+    f.write_bytes(content)
+    res = CliRunner().invoke(app, ["metrics", str(f), "--json"], env={"COLUMNS": "300"})
+    assert res.exit_code == 2 and says in " ".join(res.output.split()), res.output
+
+
+def test_a_copied_run_directory_uses_its_own_files(finished, untouched, tmp_path_factory) -> None:
+    """`cp -a runs/a runs/b`, damage b, run b: b is repaired from b's files and reports under b;
+    a is not touched (stored results hold run-directory paths relative to it)."""
+    from flows.pipeline import sefe_pipeline
+    from sefe_core.evaluate import predictions_path
+
+    a = finished
+    copy_root = tmp_path_factory.mktemp("copied")
+    shutil.copytree(a.run_dir, copy_root / a.run_dir.name, symlinks=True)
+    b = small_config(copy_root, *CONFIG)
+    before = {p: sha256_file(p) for p in a.run_dir.rglob("*") if p.is_file()}
+    damaged = predictions_path(b.run_dir, "reglora", TASKS[1])
+    with open(damaged, "r+b") as f:
+        f.truncate(100)
+    out = sefe_pipeline(b)
+    assert Path(out["dir"]).is_relative_to(b.run_dir) and Path(out["metrics"]).is_relative_to(b.run_dir)
+    assert out["work"] == {"train_steps": 0, "generations": 2 * 6}  # stage 2 again: tasks 1..2 x n_test
+    assert _metrics(out) == untouched
+    assert {p: sha256_file(p) for p in a.run_dir.rglob("*") if p.is_file()} == before
+    # what the steps stored (Prefect's own record metadata names the file it was first written as)
+    stored = [json.loads(p.read_text())["result"] for p in (b.run_dir / ".prefect-results").iterdir()]
+    assert str(a.run_dir) not in json.dumps(stored) and "{run_dir}/" in json.dumps(stored)
+
+
+@pytest.mark.parametrize("command", [["asd"], ["eval"], ["prepare"], ["report"], ["train", "-m", "lora"]])
+def test_every_command_that_writes_a_run_directory_takes_its_lock(tmp_path, command) -> None:
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+    from sefe_core.runlock import run_lock
+
+    cfg = small_config(tmp_path)
+    with run_lock(cfg.run_dir):  # another run holds it
+        res = CliRunner().invoke(app, [*command, "--set", f"runs_root={tmp_path}"], env={"COLUMNS": "300"})
+    assert res.exit_code == 1 and "in use by another run" in res.output, res.output
+    assert sorted(p.name for p in cfg.run_dir.iterdir()) == [".lock"]  # nothing written beside it
+
+
+def test_a_yaml_error_names_the_file_and_line(tmp_path) -> None:
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("experiment: x\ntrain:\n  lora_r: 8\n   learning_rate: 1\n")
+    res = CliRunner().invoke(app, ["prepare", "-c", str(bad)], env={"COLUMNS": "300"})
+    assert res.exit_code == 2 and f"{bad}, line 4" in res.output and "Traceback" not in res.output, res.output

@@ -80,7 +80,7 @@ def test_matrix_csv_round_trip_and_formats(tmp_path: Path) -> None:
         read_matrix_csv(short)
     word = tmp_path / "word.csv"
     word.write_text("0.9,,\n0.8,high,\n0.6,0.7,0.95\n")
-    with pytest.raises(MatrixError, match="'high' is not a number"):
+    with pytest.raises(MatrixError, match="'high' is not a finite number"):
         read_matrix_csv(word)
     with pytest.raises(FileNotFoundError, match="no such matrix file"):
         read_matrix_csv(tmp_path / "nope.csv")

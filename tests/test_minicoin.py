@@ -123,7 +123,9 @@ def test_scene_metadata_matches_answers(built: Path) -> None:
 
 
 def test_unknown_task_and_bad_sizes(tmp_path: Path) -> None:
-    with pytest.raises(KeyError, match="09-x"):
-        build_minicoin(tmp_path, MiniCoINConfig(tasks=("09-x",)))
+    """Refused with the config itself (tests/test_faults.py: as one-line CLI errors)."""
+    with pytest.raises(ValueError, match="09-x"):
+        MiniCoINConfig(tasks=("09-x",))
     with pytest.raises(ValueError, match="n_train"):
-        build_minicoin(tmp_path, MiniCoINConfig(n_train=0))
+        MiniCoINConfig(n_train=0)
+    assert not any(tmp_path.iterdir())
