@@ -78,7 +78,7 @@ Command: `{cmd}` (each a real `sefe run` subprocess on the embedded default{
 | --- | --- | --- | --- |
 {rows}
 
-Rerun / cold: {med["rerun"] / med["cold"]:.3f}. Targets: cold <= 300 s, rerun <= 15 s."""
+Rerun / cold: {med["rerun"] / med["cold"]:.3f}. Targets (issue 11): cold <= 360 s, rerun <= 10 s."""
     publish(entry, "## `sefe run`: wall time of the main job, cold and rerun (issue 6)", write=not a.no_write)
 
 
