@@ -92,9 +92,8 @@ def style_table(benchmark: str = "minicoin") -> dict[str, tuple[str, ...]]:
 class ASDConfig(BaseModel):
     """What ASD converts, how, and with which backend."""
 
-    model_config = ConfigDict(
-        extra="forbid", allow_inf_nan=False
-    )  # inf/nan: refused here, not NaN weights later
+    # inf/nan are refused here, not found later as NaN weights
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     percent: float = Field(20.0, gt=0, le=100, description="share of each task's train records converted")
     seed: int = 0
     backend: Literal["rules", "openai"] = "rules"

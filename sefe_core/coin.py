@@ -69,13 +69,14 @@ class CoINConfig(BaseModel):
     Ground-truth paths are relative to `root` (or absolute); None means "use the test record's
     own `answer` field instead". `asd_annotations` says whether the train file may hold ASD
     rows whose style is detected from the answer (auto: when the file name is `train_x*.json`).
-    `check_images` opens and verifies every image (PIL); off, only their existence is checked.
+    `check_images` decodes every image once (PIL; at most `max_image_pixels`); off, only their
+    existence is checked. Either way an image (or a symlink) that resolves outside the image
+    root is rejected.
     `max_train` / `max_test` keep a deterministic subsample (seeded by `seed`) per task.
     """
 
-    model_config = ConfigDict(
-        extra="forbid", allow_inf_nan=False
-    )  # inf/nan: refused here, not NaN weights later
+    # inf/nan are refused here, not found later as NaN weights
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     root: str
     image_root: str | None = None
@@ -90,6 +91,9 @@ class CoINConfig(BaseModel):
     max_test: int | None = Field(None, ge=1)
     seed: int = 0
     check_images: bool = True
+    # an image larger than this (width x height) is rejected before it is decoded: a PNG header
+    # can claim 12000 x 12000 (2.8 GB decoded) for a file of a few bytes
+    max_image_pixels: int = Field(40_000_000, gt=0)
 
     @field_validator("tasks")
     @classmethod
@@ -307,10 +311,13 @@ def detect_style(question: str, answer: str, native: str) -> str:
 
 @dataclass
 class _ImageChecker:
-    """Opens each image once (PIL open + verify); remembers the outcome per path."""
+    """Checks each image once and remembers the outcome per path: inside the image root (links
+    resolved), within the pixel limit, and decoding to the end (a truncated file fails here, at
+    prepare, with its name, not in the middle of training)."""
 
     root: Path
     check: bool
+    max_pixels: int = 40_000_000
     seen: dict[str, tuple[str | None, list[int] | None]] = field(default_factory=dict)
 
     def __call__(self, rel: str) -> tuple[str | None, list[int] | None]:
@@ -321,16 +328,24 @@ class _ImageChecker:
         out: tuple[str | None, list[int] | None]
         if not path.is_file():
             out = (f"image file missing: {rel}", None)
+        elif not path.resolve().is_relative_to(self.root.resolve()):
+            out = (f"image outside the image root: {rel} -> {path.resolve()}", None)
         elif not self.check:
             out = (None, None)
         else:
             try:
                 with Image.open(path) as im:
                     size = [int(im.width), int(im.height)]
-                    im.verify()
-                out = (None, size)
+                    if size[0] * size[1] > self.max_pixels:
+                        out = (
+                            f"image too large: {rel} ({size[0]}x{size[1]} > max_image_pixels {self.max_pixels})",
+                            None,
+                        )
+                    else:
+                        im.load()  # decodes to the end: truncated data fails here
+                        out = (None, size)
             except Exception as e:  # PIL raises many types for a broken file
-                out = (f"image unreadable: {rel} ({type(e).__name__})", None)
+                out = (f"image unreadable: {rel} ({type(e).__name__}: {e})", None)
         self.seen[rel] = out
         return out
 
@@ -346,7 +361,26 @@ def _image_path(rec: dict[str, Any]) -> str | None:
 
 
 def _raw(rec: Any) -> str:
-    return json.dumps(rec, ensure_ascii=False, default=str)[:2000]
+    text = json.dumps(rec, ensure_ascii=False, default=str)
+    if _not_unicode(text):  # a lone surrogate cannot be written to Parquet: keep it escaped
+        text = json.dumps(rec, default=str)
+    return text[:2000]
+
+
+def _not_unicode(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def _unicode_problem(rec: Any) -> str | None:
+    """Valid JSON can hold text that is not Unicode (a lone surrogate such as "\\ud800"):
+    the record is rejected with the reason, the rest of the file still loads."""
+    if _not_unicode(json.dumps(rec, ensure_ascii=False, default=str)):
+        return "malformed record: text that is not valid Unicode (a lone surrogate escape)"
+    return None
 
 
 def _rid(value: Any) -> str | None:
@@ -377,6 +411,8 @@ def _train_record(
     """One LLaVA conversation -> an instruction record, or the reason it cannot be one."""
     if not isinstance(rec, dict):
         return f"malformed record: not a JSON object ({type(rec).__name__})"
+    if (problem := _unicode_problem(rec)) is not None:
+        return problem
     cid = _rid(rec.get("id"))
     if cid is None:
         return "malformed record: no 'id'"
@@ -429,6 +465,8 @@ def _test_record(
 ) -> InstructionRecord | str:
     if not isinstance(rec, dict):
         return f"malformed record: not a JSON object ({type(rec).__name__})"
+    if (problem := _unicode_problem(rec)) is not None:
+        return problem
     qid = _rid(rec.get("question_id"))
     if qid is None:
         return "malformed record: no 'question_id'"
@@ -467,7 +505,7 @@ def _test_record(
 
 def load_task(spec: TaskSpec, cfg: CoINConfig, images: _ImageChecker | None = None) -> _TaskLoad:
     """Both splits of one task: the records and the rejects (with reasons)."""
-    images = images or _ImageChecker(cfg.image_root_path, cfg.check_images)
+    images = images or _ImageChecker(cfg.image_root_path, cfg.check_images, cfg.max_image_pixels)
     train_path, test_path = cfg.annotation_file(spec, "train"), cfg.annotation_file(spec, "test")
     train = _load_records(train_path, f"{spec.coin_name} train annotations")
     test = _load_records(test_path, f"{spec.coin_name} test annotations")
@@ -572,7 +610,7 @@ def build_coin(out_dir: str | Path, cfg: CoINConfig) -> CoINBuild:
     unknown = unknown_task_rejects(cfg)
     if unknown:
         REJECTS.write(unknown, out_dir / UNKNOWN_REJECTS_FILE)
-    images = _ImageChecker(image_root, cfg.check_images)
+    images = _ImageChecker(image_root, cfg.check_images, cfg.max_image_pixels)
     built: dict[str, TaskBuild] = {}
     for name in cfg.tasks:
         spec = _spec(name)

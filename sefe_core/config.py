@@ -20,9 +20,8 @@ class BenchmarkConfig(BaseModel):
     """`minicoin` generates the embedded benchmark; `coin` loads the real CoIN from local files
     (the `coin` section says where)."""
 
-    model_config = ConfigDict(
-        extra="forbid", allow_inf_nan=False
-    )  # inf/nan: refused here, not NaN weights later
+    # inf/nan are refused here, not found later as NaN weights
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     name: Literal["minicoin", "coin"] = "minicoin"
     minicoin: MiniCoINConfig = Field(default_factory=MiniCoINConfig)
     coin: CoINConfig | None = None
@@ -45,9 +44,8 @@ class BenchmarkConfig(BaseModel):
 class ModelConfig(BaseModel):
     """`tiny` builds the embedded model offline; `pretrained` loads a local llava-hf directory."""
 
-    model_config = ConfigDict(
-        extra="forbid", allow_inf_nan=False
-    )  # inf/nan: refused here, not NaN weights later
+    # inf/nan are refused here, not found later as NaN weights
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     kind: Literal["tiny", "pretrained"] = "tiny"
     path: str | None = None
     trust_remote_code: bool = False
@@ -62,16 +60,14 @@ DEFAULT_METHODS = ["lora", "asd", "reglora", "sefe", "reglora-random", "l1"]
 class EvalConfig(BaseModel):
     """Generation settings of evaluation (greedy, batched with left padding)."""
 
-    model_config = ConfigDict(
-        extra="forbid", allow_inf_nan=False
-    )  # inf/nan: refused here, not NaN weights later
+    # inf/nan are refused here, not found later as NaN weights
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     batch_size: int = Field(64, gt=0)
 
 
 class RunConfig(BaseModel):
-    model_config = ConfigDict(
-        extra="forbid", allow_inf_nan=False
-    )  # inf/nan: refused here, not NaN weights later
+    # inf/nan are refused here, not found later as NaN weights
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     experiment: str = "minicoin-demo"
     runs_root: str = "runs"
     benchmark: BenchmarkConfig = Field(default_factory=BenchmarkConfig)

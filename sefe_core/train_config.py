@@ -41,9 +41,8 @@ class TrainConfig(BaseModel):
     §1); `preset: minicoin` fills in small values for the tiny model on a CPU. Explicit fields
     win over the preset, except one that holds another preset's value (see `_apply_preset`)."""
 
-    model_config = ConfigDict(
-        extra="forbid", allow_inf_nan=False
-    )  # inf/nan: refused here, not NaN weights later
+    # inf/nan are refused here, not found later as NaN weights
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     preset: Literal["reference", "minicoin"] = "reference"
     # LoRA on every linear layer of the language model

@@ -393,3 +393,44 @@ def test_sefe_prepare_shows_the_loaded_counts(coin_bench) -> None:
         cells = [c.strip() for c in row.split("│")]
         assert cells[5:8] == [str(n_train), str(n_test), str(n_rej)], row
     assert "Flickr30k" in res.output
+
+
+def test_loader_rejects_what_it_cannot_stand_behind(tmp_path: Path) -> None:
+    """Issue 16: a symlink out of the data root, a header that claims 12000 x 12000, a truncated
+    file, a lone surrogate in valid JSON: each its own reject with the file or record named; the
+    good records still load and the prepare does not abort."""
+    import struct
+    import zlib
+
+    root = make_coin_root(tmp_path / "coin")
+    outside = tmp_path / "elsewhere.png"
+    Image.new("RGB", (8, 8)).save(outside)
+    (root / "imgs" / "link.png").symlink_to(outside)
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", 12000, 12000, 8, 2, 0, 0, 0)
+    (root / "imgs" / "huge.png").write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b"")
+    )
+    good = (root / "imgs" / "p0.png").read_bytes()
+    (root / "imgs" / "cut.png").write_bytes(good[: len(good) // 2])
+    qq = f"How many?\n{SHORT_SUFFIX}"
+    recs = json.loads((root / "annotations/VQAv2/train.json").read_text())
+    recs += [_conv("v-link", "imgs/link.png", qq, "1"), _conv("v-huge", "imgs/huge.png", qq, "1"),
+             _conv("v-cut", "imgs/cut.png", qq, "1")]  # fmt: skip
+    text = json.dumps(recs)[:-1] + ', {"id": "v-sur", "image": "imgs/p0.png", "conversations": ' \
+        '[{"from": "human", "value": "<image>\\nHow many? \\ud800"}, {"from": "gpt", "value": "1"}]}]'  # fmt: skip
+    (root / "annotations/VQAv2/train.json").write_text(text)
+
+    build = build_coin(tmp_path / "out", CoINConfig(root=str(root), tasks=("07-vqav2",)))
+    rejects = {
+        r.id.rsplit("-", 1)[-1]: r.reason
+        for r in REJECTS.read_records(tmp_path / "out" / "07-vqav2.rejects.parquet")
+    }
+    assert "image outside the image root: imgs/link.png" in rejects["link"]
+    assert "image too large: imgs/huge.png (12000x12000" in rejects["huge"]
+    assert "image unreadable: imgs/cut.png" in rejects["cut"]
+    assert "not valid Unicode" in rejects["sur"]
+    assert build.tasks["07-vqav2"].train == 2  # q1 and q2 still load
