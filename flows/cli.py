@@ -255,12 +255,17 @@ def _base_summary(path: Path) -> None:
 
 def _metrics_table(metrics_json: Path) -> None:
     """The methods x metrics table of a comparison report (percent)."""
+    from rich import box
+
     from sefe_core.analysis import headline_rows, metrics_summary
 
     rows = headline_rows(metrics_summary(metrics_json))
     t = Table(
-        "method", "stages", "MFT", "MFN", "MAA", "BWT", "forgetting: superficial", "essential",
-        title="Accuracy (%) and mean forgetting split",
+        "method", "stages", "MFT", "MFN", "MAA", "BWT", "superficial", "essential",
+        title="Accuracy (%); mean forgetting split into superficial / essential",
+        box=box.SIMPLE_HEAD,  # no column rules: fits an 80-column terminal with every header whole
+        collapse_padding=True,
+        pad_edge=False,
     )  # fmt: skip
     for row in rows:
         t.add_row(
