@@ -161,12 +161,12 @@ def extract_task_mask(task_dir: str | Path, percent: float, kind: str, seed: int
     top-`percent`% of |B @ A| per module, or a random mask of the same size (`kind="random"`),
     seeded by `seed` and the task. An existing file made from the same adapter with the same
     settings (its metadata says) is kept, so calling it again is free."""
-    from data_contracts import sha256_file
+    from data_contracts import sha256_once  # the task's train.json hashes the same adapter
 
     task_dir = Path(task_dir)
     path = task_dir / MASK_FILE
     seed = stable_seed(seed, task_dir.name)
-    source = {"adapter_sha256": sha256_file(task_dir / ADAPTER_DIR / ADAPTER_WEIGHTS), "seed": seed}
+    source = {"adapter_sha256": sha256_once(task_dir / ADAPTER_DIR / ADAPTER_WEIGHTS), "seed": seed}
     meta = mask_metadata(path)
     if meta is not None and (meta["percent"], meta["kind"], meta.get("source")) == (percent, kind, source):
         return path

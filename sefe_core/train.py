@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from data_contracts import atomic_path, write_json
-from sefe_core.adapters import ADAPTER_DIR, attach_lora
+from sefe_core.adapters import ADAPTER_DIR, ADAPTER_WEIGHTS, attach_lora
 from sefe_core.mask import MASK_FILE
 from sefe_core.resume import CHECKPOINTS, TRAIN_JSON, prepare_task_dir, trained_with
 from sefe_core.stage import PROJECTOR_FILE, save_projector, stage_model
@@ -121,16 +121,12 @@ def task_key(
 
 def _outputs(task_dir: Path) -> list[Path]:
     """The files a finished task is (what later tasks and the evaluation read)."""
-    return [
-        p
-        for p in (task_dir / ADAPTER_DIR / "adapter_model.safetensors", task_dir / PROJECTOR_FILE)
-        if p.exists()
-    ]
+    return [p for p in (task_dir / ADAPTER_DIR / ADAPTER_WEIGHTS, task_dir / PROJECTOR_FILE) if p.exists()]
 
 
 def _damaged_outputs(task_dir: Path) -> list[str]:
     """What of a finished task's outputs is not what its train.json recorded (a task recorded
-    before train.json kept hashes counts as intact)."""
+    before train.json kept hashes: what of its files does not load)."""
     from data_contracts import mismatched
 
     recorded = json.loads((task_dir / TRAIN_JSON).read_text()).get("files")
