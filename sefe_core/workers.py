@@ -40,6 +40,7 @@ _pool_size = 0
 _queue: Any = None
 _latest: dict[str, tuple[int, int]] = {}
 _worker_queue: Any = None  # in a worker: where progress goes
+_stopping = threading.Event()  # set by kill(): no pool starts again in this process
 
 
 class WorkerDied(RuntimeError):
@@ -103,6 +104,8 @@ def start(workers: int) -> None:
     global _pool, _pool_size, _queue
     if workers <= 0:
         return
+    if _stopping.is_set():
+        raise WorkerDied("the run is stopping: no new workers")
     with _lock:
         if _pool is not None and _pool_size == workers:
             return
@@ -116,6 +119,9 @@ def start(workers: int) -> None:
         pool.submit(_warm)
     with _lock:
         _pool, _pool_size, _queue = pool, workers, q
+    if _stopping.is_set():  # kill() ran while these were spawning
+        kill()
+        raise WorkerDied("the run is stopping: no new workers")
 
 
 def shutdown() -> None:
@@ -131,11 +137,17 @@ def shutdown() -> None:
 
 def kill() -> None:
     """Stop every worker now, mid-job (the run is being interrupted: what a job had not saved is
-    redone by the rerun, as after kill -9)."""
+    redone by the rerun, as after kill -9).
+
+    Why the flag and every child, not only the pool's processes: a killed pool fails its jobs, and
+    another step's thread would otherwise start a fresh pool in the moments before the process
+    exits; those new workers would outlive the run until their parent watch noticed."""
+    _stopping.set()
     with _lock:
         pool = _pool
-    for proc in list(getattr(pool, "_processes", {}).values()) if pool is not None else []:
-        with contextlib.suppress(OSError):
+    procs = list(getattr(pool, "_processes", {}).values()) if pool is not None else []
+    for proc in procs + mp.active_children():
+        with contextlib.suppress(OSError, ValueError):
             proc.kill()
 
 

@@ -123,7 +123,15 @@ def _processes_with(marker: str) -> list[int]:
     return found
 
 
-def _interrupt(runs_root: Path, after: Path, how: str) -> tuple[int, float, list[int]]:
+def _cmdline(pid: int) -> str:
+    """What a process left behind is, for the failure message."""
+    try:
+        return f"{pid}: " + Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()[:200]
+    except OSError:
+        return f"{pid}: (gone)"
+
+
+def _interrupt(runs_root: Path, after: Path, how: str) -> tuple[int, float, list[str]]:
     """Start `sefe run`, wait until `after` exists, interrupt it `how`; (rc, seconds it took to
     exit, processes of it still alive 5 s later)."""
     import time
@@ -153,7 +161,7 @@ def _interrupt(runs_root: Path, after: Path, how: str) -> tuple[int, float, list
             deadline = time.monotonic() + 5  # a killed run's server and workers notice within ~1 s
             while _processes_with(marker) and time.monotonic() < deadline:
                 time.sleep(0.1)
-            return rc, took, _processes_with(marker)
+            return rc, took, [_cmdline(pid) for pid in _processes_with(marker)]
         finally:
             for pid in _processes_with(marker):  # whatever a failing assertion leaves behind
                 os.kill(pid, signal.SIGKILL)
