@@ -49,6 +49,9 @@ class RejectRecord:
     step: str
     reason: str
     raw_text: str = ""
+    # the rewriter's reply was unusable as a reply (transport, HTTP, not JSON, wrong count), not
+    # a well-formed answer that failed validation: worth sending again on a rerun
+    retryable: bool = False
 
 
 @dataclass(frozen=True)

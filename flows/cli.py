@@ -104,6 +104,35 @@ def _interruptible(flow_call):  # noqa: ANN001, ANN202
     return outcome["value"]
 
 
+DISK_FULL_BELOW = 64 * 2**20  # free bytes under which a failed write is taken for a full disk
+
+
+def _known_failure(e: BaseException, run_dir: Path) -> str | None:
+    """The one-line reason of a failure the user can act on (a full disk, a rewriter that cannot
+    do its job, training that diverged), else None (a bug: its traceback is the report)."""
+    import errno
+    import shutil
+
+    from sefe_core.asd import TooManyRejects
+    from sefe_core.rewriter import RewriterError
+    from sefe_core.trainer import NonFiniteTraining
+
+    chain: list[BaseException] = []
+    while e is not None and e not in chain:
+        chain.append(e)
+        e = e.__cause__ or e.__context__
+    probe = next((p for p in (run_dir, *run_dir.parents) if p.exists()), Path("/"))
+    free = shutil.disk_usage(probe).free
+    # torch.save says only "enforce fail at inline_container.cc" when the disk is full: look
+    if free < DISK_FULL_BELOW or any(isinstance(x, OSError) and x.errno == errno.ENOSPC for x in chain):
+        return (
+            f"the disk holding {run_dir} is full ({free / 2**20:.0f} MiB free; the write that failed: "
+            f"{type(chain[0]).__name__}: {str(chain[0])[:200]}). Free some space."
+        )
+    known = (TooManyRejects, RewriterError, NonFiniteTraining)
+    return next((str(x) for x in chain if isinstance(x, known)), None)
+
+
 def _writes_run_dir(fn):  # noqa: ANN001, ANN202
     """A command that writes under the run directory holds its lock while it runs (as `sefe run`
     and `sefe train` do): a second writer on the same directory stops at once, with who holds it."""
@@ -155,6 +184,12 @@ def run(config: Path | None = ConfigOpt, set_: list[str] = SetOpt) -> None:
             out = _interruptible(lambda: sefe_pipeline(cfg))
         except RunDirectoryBusy as e:
             console.print(f"[red]{e}[/]")
+            raise typer.Exit(1) from None
+        except Exception as e:
+            why = _known_failure(e, cfg.run_dir)
+            if why is None:
+                raise
+            console.print(f"[red]Run stopped:[/] {why}\nFinished steps are kept: rerun the same command to resume.")
             raise typer.Exit(1) from None
         work = out["work"]
     _metrics_table(Path(out["metrics"]))
@@ -437,7 +472,7 @@ def asd(config: Path | None = ConfigOpt, set_: list[str] = SetOpt, task: list[st
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from sefe_core.asd import run_asd, target_styles
+    from sefe_core.asd import TooManyRejects, run_asd, target_styles
     from sefe_core.prepare import ensure_benchmark
     from sefe_core.registry import task_spec
     from sefe_core.rewriter import RewriterError
@@ -474,7 +509,7 @@ def asd(config: Path | None = ConfigOpt, set_: list[str] = SetOpt, task: list[st
                         progress=shard_done,
                     )
                 )
-    except RewriterError as e:
+    except (RewriterError, TooManyRejects) as e:
         console.print(f"[red]ASD stopped:[/] {e}")
         raise typer.Exit(1) from None
     t = Table("task", "converted into", "selected", "converted", "rejected", "shards (reused)", "s")

@@ -95,12 +95,12 @@ def local_server() -> Iterator[str | None]:
             try:
                 yield url
             finally:
-                _flush_logs()
+                flush_logs()
     finally:
         stop()
 
 
-def _flush_logs() -> None:
+def flush_logs() -> None:
     """Send the run's last log lines and events before the server goes (else: "Error logging to
     API" at exit)."""
     from prefect.events.worker import EventsWorker

@@ -74,7 +74,7 @@ from sefe_core.styles import (
 log = logging.getLogger(__name__)
 
 # Bump when selection, assembly or the rules change what ASD writes: part of the shard key.
-ASD_VERSION = 1
+ASD_VERSION = 2  # 2: rejects record whether they are retryable
 ASD_STYLES = ("yes_no", "mcq", "short", "brief", "detail")
 REJECT_STEP = "asd"
 _OPTION_LINE = re.compile(r"^[A-E]\. ")
@@ -98,7 +98,22 @@ class ASDConfig(BaseModel):
     seed: int = 0
     backend: Literal["rules", "openai"] = "rules"
     shard_size: int = Field(64, ge=1, description="converted rows per shard (a resume unit)")
+    retry_rejects: Literal["none", "retryable", "all"] = Field(
+        "retryable",
+        description="which stored rejects a rerun sends to the rewriter again: 'retryable' (the "
+        "reply was unusable: server error, not the asked JSON), 'all' (also well-formed answers "
+        "that failed validation), 'none'",
+    )
+    max_reject_fraction: float = Field(
+        0.5, ge=0, le=1,
+        description="a task with a larger share of its selected rows rejected fails (rejects are "
+        "kept, a rerun retries them) instead of training on mostly original data",
+    )
     server: ServerConfig = Field(default_factory=ServerConfig)
+
+    def retries(self, reject: RejectRecord) -> bool:
+        """Does a rerun send this stored reject to the rewriter again?"""
+        return self.retry_rejects == "all" or (self.retry_rejects == "retryable" and reject.retryable)
 
 
 # --------------------------------------------------------------------------------------------
@@ -254,7 +269,8 @@ def convert(
                 continue
             except AssemblyError as e:
                 reason = str(e)
-        rejects.append(RejectRecord(req.id, req.record.task, REJECT_STEP, reason, out.raw_text))
+        retryable = isinstance(out, Rejection) and out.retryable
+        rejects.append(RejectRecord(req.id, req.record.task, REJECT_STEP, reason, out.raw_text, retryable))
     return rows, rejects
 
 
@@ -281,6 +297,7 @@ class ASDResult:
     reused: bool = False
     key: str = ""
     backend: str = ""
+    retryable: int = 0  # rejects a rerun would send again (under the config's retry_rejects)
 
 
 def plan_shards(requests: Sequence[RewriteRequest], size: int) -> list[list[int]]:
@@ -362,7 +379,7 @@ def run_asd(
         data_path=data_path, rejects_path=rejects_path, manifest_path=manifest_path, shard_dir=shard_dir
     )
 
-    done = _finished(manifest_path, key)
+    done = _finished(manifest_path, key, cfg)
     if done is not None:
         return ASDResult(task=task, **done, **paths, seconds=time.perf_counter() - t0, reused=True, key=key)
 
@@ -375,17 +392,20 @@ def run_asd(
     reused = 0
     for i, idxs in enumerate(shards):
         rows_file, rej_file = shard_dir / f"{i:05d}.parquet", shard_dir / f"{i:05d}.rejects.parquet"
+        batch = [requests[j] for j in idxs]
+        srows: list[InstructionRecord] = []
+        srej: list[RejectRecord] = []
         if rows_file.exists() and rej_file.exists():  # rows are written last: their file marks done
             srows, srej = INSTRUCTIONS.read_records(rows_file), REJECTS.read_records(rej_file)
-            if sorted(r.id for r in [*srows, *srej]) != sorted(requests[j].id for j in idxs):
+            if sorted(r.id for r in [*srows, *srej]) != sorted(r.id for r in batch):
                 raise RuntimeError(
                     f"{rows_file}: holds other rows than its plan; delete {shard_dir} and rerun"
                 )
-            rows += srows
-            rejects += srej
-            reused += 1
-        else:
-            batch = [requests[j] for j in idxs]
+            again = {r.id for r in srej if cfg.retries(r)}
+            batch = [r for r in batch if r.id in again]  # what this rerun sends again
+            srej = [r for r in srej if r.id not in again]
+            reused += not batch
+        if batch:
             try:
                 outcomes = rewriter.rewrite(batch, image_root)
             except RewriterError as e:
@@ -393,21 +413,33 @@ def run_asd(
                     f"{e}\nASD of {task}: {i} of {len(shards)} shards are saved under {shard_dir} "
                     "and are kept; rerun the same command to resume from there."
                 ) from e
-            srows, srej = convert(batch, outcomes, cfg.seed, rewriter.name)
+            new_rows, new_rej = convert(batch, outcomes, cfg.seed, rewriter.name)
+            order = {r.id: n for n, r in enumerate(requests[j] for j in idxs)}
+            srows = sorted([*srows, *new_rows], key=lambda r: order[r.id])
+            srej = sorted([*srej, *new_rej], key=lambda r: order[r.id])
+            rows_file.unlink(missing_ok=True)  # a retried shard is not done until its rows are rewritten
             REJECTS.write(srej, rej_file)
             INSTRUCTIONS.write(srows, rows_file)
             failpoint("asd.shard")
-            rows += srows
-            rejects += srej
+        rows += srows
+        rejects += srej
         if progress is not None:
             progress(i + 1, len(shards))
     if len(rows) + len(rejects) != len(requests):
         raise RuntimeError(
             f"ASD of {task}: selected {len(requests)} != converted {len(rows)} + rejected {len(rejects)}"
         )
-    data_info = INSTRUCTIONS.write([*records, *rows], data_path)
     rej_info = REJECTS.write(rejects, rejects_path)
     per_style, reasons = _summary(rows, rejects, styles)
+    retryable = sum(cfg.retries(r) for r in rejects)
+    if requests and len(rejects) > cfg.max_reject_fraction * len(requests):
+        raise _too_many_rejects(task, len(requests), rejects, reasons, rejects_path, cfg)
+    if rejects:
+        log.warning(
+            "ASD %s: %d of %d selected rows rejected (%d sent again on a rerun), kept in %s; most common: %s",
+            task, len(rejects), len(requests), retryable, rejects_path, next(iter(reasons)),
+        )  # fmt: skip
+    data_info = INSTRUCTIONS.write([*records, *rows], data_path)
     counts = dict(selected=len(requests), converted=len(rows), rejected=len(rejects))
     write_json(
         manifest_path,
@@ -419,6 +451,7 @@ def run_asd(
             "per_style": per_style,
             "reasons": reasons,
             "shards": len(shards),
+            "retryable": sorted(r.id for r in rejects if r.retryable),
             "files": {data_path.name: data_info.sha256, rejects_path.name: rej_info.sha256},
             "bytes": {data_path.name: data_info.bytes, rejects_path.name: rej_info.bytes},
             "config": cfg.model_dump(mode="json"),
@@ -436,15 +469,52 @@ def run_asd(
         seconds=time.perf_counter() - t0,
         key=key,
         backend=rewriter.name,
+        retryable=retryable,
     )
 
 
-def _finished(manifest_path: Path, key: str) -> dict | None:
-    """The counts of a finished run with the same key whose files are intact, else None."""
+class TooManyRejects(RuntimeError):
+    """More of a task's selected rows were rejected than `asd.max_reject_fraction` allows: training
+    "with ASD" on it would mostly train on the original data, under ASD's name."""
+
+    def __init__(self, message: str, retryable: int = 0) -> None:
+        super().__init__(message)
+        self.retryable = retryable  # how many a rerun sends again
+
+    def __reduce__(self) -> tuple:  # crosses processes whole (Prefect, the worker pool)
+        return type(self), (str(self), self.retryable)
+
+
+def _too_many_rejects(
+    task: str, selected: int, rejects: list[RejectRecord], reasons: dict[str, int], path: Path, cfg: ASDConfig
+) -> TooManyRejects:
+    again = sum(cfg.retries(r) for r in rejects)
+    top = "; ".join(f"{n} x {reason}" for reason, n in list(reasons.items())[:3])
+    then = (
+        f"{again} of them are sent again on a rerun (asd.retry_rejects={cfg.retry_rejects}): fix the "
+        "rewriter (its server, model or prompts) and rerun the same command"
+        if again
+        else f"a rerun would not send them again (asd.retry_rejects={cfg.retry_rejects}): use a rewriter "
+        "that can write these rows (asd.backend=openai for real data), set asd.retry_rejects=all to send "
+        "a served model's rejected answers again, or raise asd.max_reject_fraction to go on without them"
+    )
+    return TooManyRejects(
+        f"ASD of {task}: {len(rejects)} of {selected} selected rows rejected ({100 * len(rejects) / selected:.0f}%"
+        f" > asd.max_reject_fraction={cfg.max_reject_fraction:g}). Most common: {top}. Every reject, with "
+        f"the raw reply, is in {path}; {then}.",
+        again,
+    )
+
+
+def _finished(manifest_path: Path, key: str, cfg: ASDConfig) -> dict | None:
+    """The counts of a finished run with the same key whose files are intact and that holds no
+    reject this config retries, else None."""
     if not manifest_path.exists():
         return None
     m = json.loads(manifest_path.read_text())
     if m.get("key") != key:
+        return None
+    if (cfg.retry_rejects == "all" and m["rejected"]) or (cfg.retry_rejects == "retryable" and m["retryable"]):
         return None
     for name, sha in m["files"].items():
         p = manifest_path.parent / name
@@ -459,4 +529,5 @@ def _finished(manifest_path: Path, key: str) -> dict | None:
         shards=m["shards"],
         shards_reused=m["shards"],
         backend=m["backend"],
+        retryable=0,
     )

@@ -76,8 +76,13 @@ class Material:
 
 @dataclass(frozen=True)
 class Rejection:
+    """No usable material for one request. `retryable`: the reply itself was unusable (server
+    error, not the asked JSON), so the same request may well succeed later; a well-formed reply
+    that fails validation, or a rule that has nothing to work with, is not."""
+
     reason: str
     raw_text: str = ""
+    retryable: bool = False
 
 
 Outcome = Material | Rejection
@@ -156,7 +161,13 @@ class ServerConfig(BaseModel):
     model: str | None = Field(None, description="the served model's name, as given to the server")
     api_key_env: str = Field("OPENAI_API_KEY", description="env var holding the bearer token, if any")
     concurrency: int = Field(8, ge=1)
-    timeout_s: float = Field(120.0, gt=0)
+    timeout_s: float = Field(
+        120.0, gt=0, description="the most one attempt may take, connect to last byte (a server that "
+        "drips its reply is cut off here, then retried)",
+    )
+    max_response_bytes: int = Field(
+        4_000_000, ge=1024, description="a larger reply is rejected (retryable) as soon as it passes this"
+    )
     retries: int = Field(4, ge=0, description="retries after the first attempt, exponential backoff")
     backoff_s: float = Field(1.0, ge=0)
     max_tokens_per_question: int = Field(256, ge=1)

@@ -127,22 +127,22 @@ def parse_reply(text: str, n: int) -> list[Outcome]:
     try:
         obj = json.loads(body)
     except json.JSONDecodeError as e:
-        return [Rejection(f"model reply is not valid JSON ({e.msg})", text)] * n
+        return [Rejection(f"model reply is not valid JSON ({e.msg})", text, retryable=True)] * n
     answers = obj.get("answers") if isinstance(obj, dict) else None
     if not isinstance(answers, list):
-        return [Rejection("model reply JSON has no 'answers' list", text)] * n
+        return [Rejection("model reply JSON has no 'answers' list", text, retryable=True)] * n
     if len(answers) != n:
-        return [Rejection(f"model reply has {len(answers)} answers for {n} questions", text)] * n
+        return [Rejection(f"model reply has {len(answers)} answers for {n} questions", text, retryable=True)] * n
     numbers = [a.get("number") if isinstance(a, dict) else None for a in answers]
     if sorted(x for x in numbers if type(x) is int) != list(range(1, n + 1)):
-        return [Rejection(f"model reply numbers answers {numbers}, expected 1..{n}", text)] * n
+        return [Rejection(f"model reply numbers answers {numbers}, expected 1..{n}", text, retryable=True)] * n
     out: list[Outcome] = [Rejection("unreachable", text)] * n
     for a in answers:
         wrong, expl = a.get("wrong_answers"), a.get("explanation")
         if not isinstance(wrong, list) or not all(isinstance(w, str) for w in wrong):
-            out[a["number"] - 1] = Rejection("'wrong_answers' is not a list of strings", text)
+            out[a["number"] - 1] = Rejection("'wrong_answers' is not a list of strings", text, True)
         elif not isinstance(expl, str):
-            out[a["number"] - 1] = Rejection("'explanation' is not a string", text)
+            out[a["number"] - 1] = Rejection("'explanation' is not a string", text, True)
         else:
             out[a["number"] - 1] = Material(tuple(wrong), expl, text)
     return out
@@ -288,6 +288,7 @@ class OpenAIRewriter:
         if os.environ.get(s.api_key_env):
             headers["Authorization"] = f"Bearer {os.environ[s.api_key_env]}"
         body = self.payload(group, image_root)
+        n = len(group)
         last = ""
         for attempt in range(s.retries + 1):
             if attempt:
@@ -295,30 +296,56 @@ class OpenAIRewriter:
                 await asyncio.sleep(s.backoff_s * 2 ** (attempt - 1))
             self.stats["requests"] += 1
             try:
-                resp = await client.post(url, json=body, headers=headers)
-            except httpx.TransportError as e:  # connection refused/reset, timeouts
+                async with asyncio.timeout(s.timeout_s):  # the whole attempt, not each read
+                    status, text = await self._post(client, url, body, headers)
+            except httpx.TransportError as e:  # connection refused/reset, per-read timeouts
                 last = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
                 continue
-            if resp.status_code in _RETRY_STATUS:
-                last = f"HTTP {resp.status_code}: {resp.text[:200]}"
+            except TimeoutError:
+                last = f"no complete reply within timeout_s={s.timeout_s:g} s"
                 continue
-            if resp.status_code in _FATAL_STATUS:
+            except _TooLarge as e:
+                reason = f"server reply is larger than asd.server.max_response_bytes={s.max_response_bytes}"
+                return [Rejection(reason, e.head, retryable=True)] * n
+            if status in _RETRY_STATUS:
+                last = f"HTTP {status}: {text[:200]}"
+                continue
+            if status in _FATAL_STATUS:
                 raise RewriterError(
-                    f"server {url} answered HTTP {resp.status_code} ({resp.text[:200]}); "
+                    f"server {url} answered HTTP {status} ({text[:200]}); "
                     "check asd.server.base_url / model / api_key_env"
                 )
-            if resp.status_code != 200:  # this request is refused, the server is fine
-                return [Rejection(f"server refused the request: HTTP {resp.status_code}", resp.text)] * len(
-                    group
-                )
+            if status != 200:  # this request is refused, the server is fine
+                return [Rejection(f"server refused the request: HTTP {status}", text, retryable=True)] * n
             try:
-                content = resp.json()["choices"][0]["message"]["content"]
+                content = json.loads(text)["choices"][0]["message"]["content"]
             except (ValueError, KeyError, IndexError, TypeError):
-                return [Rejection("server reply is not a chat completion", resp.text)] * len(group)
+                return [Rejection("server reply is not a chat completion", text, retryable=True)] * n
             if not isinstance(content, str):
-                return [Rejection("server reply has no text content", resp.text)] * len(group)
-            return parse_reply(content, len(group))
+                return [Rejection("server reply has no text content", text, retryable=True)] * n
+            return parse_reply(content, n)
         raise RewriterUnavailable(
             f"rewriter server {url} (model {s.model}) did not answer after {s.retries + 1} attempt(s) "
             f"with {s.timeout_s:g} s timeout: {last}"
         )
+
+    async def _post(
+        self, client: httpx.AsyncClient, url: str, body: dict[str, Any], headers: dict[str, str]
+    ) -> tuple[int, str]:
+        """(status, text) of one POST, read as a stream so that a huge reply stops at the cap
+        instead of being held whole."""
+        cap = self.server.max_response_bytes
+        async with client.stream("POST", url, json=body, headers=headers) as resp:
+            chunks: list[bytes] = []
+            size = 0
+            async for chunk in resp.aiter_bytes():
+                size += len(chunk)
+                chunks.append(chunk)
+                if size > cap:
+                    raise _TooLarge(b"".join(chunks)[:2000].decode("utf-8", "replace"))
+            return resp.status_code, b"".join(chunks).decode("utf-8", "replace")
+
+
+class _TooLarge(Exception):
+    def __init__(self, head: str):
+        self.head = head  # the reply's start, kept with the rejects

@@ -70,7 +70,10 @@ def _local(value: Any, run_dir: str | Path) -> Any:
     return value
 
 
-def step(name: str, *, retries: int = 0, retry_delay_seconds: float = 2.0) -> Callable[[F], Task]:
+def step(
+    name: str, *, retries: int = 0, retry_delay_seconds: float = 2.0,
+    retry_condition_fn: Callable[..., bool] | None = None,
+) -> Callable[[F], Task]:  # fmt: skip
     """A cached pipeline step. Its function takes `run_dir`, `k` (task index, 0 for run-level
     steps) and `key` (what the cache key hashes) before anything else; what it returns is stored
     with run-directory paths made relative (the runners below give them back absolute)."""
@@ -87,6 +90,7 @@ def step(name: str, *, retries: int = 0, retry_delay_seconds: float = 2.0) -> Ca
             result_serializer="json",
             retries=retries,
             retry_delay_seconds=retry_delay_seconds,
+            retry_condition_fn=retry_condition_fn,
             cache_expiration=None,
         )(stored)
 
@@ -109,10 +113,13 @@ def sha_of(entry: dict[str, dict[str, Any]], path: str | Path) -> str:
 
 
 def intact(result: Any) -> bool:
-    """Are the files a stored result stands for still the ones it wrote? By content (sha256,
-    hashed once per process per file version: sefe_core never re-reads a multi-GB adapter at
-    every step): a file damaged, truncated or swapped for another of the same size makes the
-    result stale, and the step that wrote it runs again."""
+    """Can a stored result stand for its step? Not when it asked for a rerun (`rerun_because`:
+    ASD rejects to retry), nor when the files it stands for are not the ones it wrote. By
+    content (sha256, hashed once per process per file version: sefe_core never re-reads a
+    multi-GB adapter at every step): a file damaged, truncated or swapped for another of the
+    same size makes the result stale, and the step that wrote it runs again."""
+    if (result or {}).get("rerun_because"):
+        return False
     return all(
         mismatched(path, info["sha256"]) is None for path, info in (result or {}).get("files", {}).items()
     )

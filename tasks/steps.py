@@ -96,7 +96,25 @@ def prepare_base_model(run_dir: str, k: int, key: dict, cfg_json: dict) -> dict[
     return {"path": str(base.path), "key": base.key, "files": files(Path(base.path) / "config.json")}
 
 
-@step("asd", retries=2, retry_delay_seconds=10)  # a served rewriter can be briefly down
+def _rewriter_may_recover(task: object, task_run: object, state: Any) -> bool:
+    """Retry ASD when a served rewriter was down or gave unusable replies, not when the rules
+    (or a well-formed but wrong model) would reject the same rows again."""
+    from sefe_core.asd import TooManyRejects
+    from sefe_core.rewriter import RewriterUnavailable
+
+    try:
+        state.result()
+    except RewriterUnavailable:
+        return True
+    except TooManyRejects as e:
+        return e.retryable > 0
+    except Exception:
+        return False
+    return False
+
+
+# a served rewriter can be briefly down
+@step("asd", retries=2, retry_delay_seconds=10, retry_condition_fn=_rewriter_may_recover)
 def asd(
     run_dir: str, k: int, key: dict, cfg_json: dict, task: str, source: str, image_root: str
 ) -> dict[str, Any]:
@@ -120,6 +138,8 @@ def asd(
         "converted": res.converted,
         "rejected": res.rejected,
         "files": written,
+        # the next run does this step again, sending these rejects to the rewriter once more
+        "rerun_because": f"{res.retryable} ASD rejects to retry" if res.retryable else None,
     }
 
 

@@ -44,3 +44,17 @@ def small_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[RunConfig, Benc
     """A small MiniCoIN and a briefly pre-trained tiny base model, built once per session."""
     cfg = small_config(tmp_path_factory.mktemp("runs"))
     return cfg, ensure_benchmark(cfg), ensure_base_model(cfg)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _stop_prefect_temporary_server():
+    """Stop the Prefect server the flows of this session started while pytest's streams are
+    open (Prefect's own atexit stop logs to a closed stream: a "Logging error" traceback)."""
+    yield
+    from prefect.server.api.server import SubprocessASGIServer
+
+    from flows.server import flush_logs
+
+    flush_logs()  # the last log lines, while the server is there to take them
+    for server in list(SubprocessASGIServer._instances.values()):
+        server.stop()

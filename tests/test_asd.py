@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -28,6 +27,7 @@ from sefe_core.rewriter import Material, Rejection, RewriterUnavailable, ServerC
 from sefe_core.rewriter_served import OpenAIRewriter, load_prompt, output_format, parse_reply, question_list
 from sefe_core.styles import format_ok, parse_box
 from tests.conftest import SMALL
+from tests.fake_rewriter import good_reply
 
 
 def _run_all(bench, out: Path, **cfg) -> dict:
@@ -238,22 +238,7 @@ def test_openai_backend_one_request_per_image_with_retries(small_run) -> None:
         seen.append(body)
         if len(seen) == 1:
             return httpx.Response(503, text="warming up")
-        text = body["messages"][1]["content"][1]["text"]
-        items = re.findall(
-            r"(\d+)\. Question: .*\n   Correct answer: (.*)\n   Wrong answers to write: (\d)\n"
-            r"   Explanation to write: (.*)",
-            text,
-        )
-        expl = "The object has the outline and the flat colour of this class, unlike the other options."
-        answers = [
-            {
-                "number": int(k),
-                "wrong_answers": [w for w in ("ring", "pole", "cross", "bar") if w != correct][: int(n)],
-                "explanation": expl if "about" in want else "",
-            }
-            for k, correct, n, want in items
-        ]
-        reply = {"choices": [{"message": {"role": "assistant", "content": json.dumps({"answers": answers})}}]}
+        reply = good_reply(body)
         return httpx.Response(200, json=reply)
 
     server = ServerConfig(base_url="http://mock/v1", model="m", backoff_s=0.01, max_tokens_per_question=50)

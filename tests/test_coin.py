@@ -13,7 +13,7 @@ from PIL import Image
 from pydantic import ValidationError
 
 from data_contracts import INSTRUCTIONS, REJECTS
-from sefe_core.asd import ASDConfig, run_asd
+from sefe_core.asd import ASDConfig, TooManyRejects, run_asd
 from sefe_core.coin import (
     UNKNOWN_REJECTS_FILE,
     CoINConfig,
@@ -324,13 +324,23 @@ def test_asd_rules_on_coin_records_rejects_with_reasons(coin_bench, tmp_path: Pa
     _, bench = coin_bench
     for task in bench.tasks:
         res = run_asd(
-            bench.task_file(task), bench.image_root, tmp_path, ASDConfig(percent=100), benchmark="coin"
-        )
+            bench.task_file(task), bench.image_root, tmp_path, ASDConfig(percent=100, max_reject_fraction=1.0),
+            benchmark="coin",
+        )  # fmt: skip
         assert res.selected == EXPECTED[task][0] == res.converted + res.rejected
         rows = INSTRUCTIONS.read_records(res.data_path)
         assert sum(r.origin == "asd" for r in rows) == res.converted
         for r in REJECTS.read_records(res.rejects_path):
-            assert r.step == "asd" and r.reason
+            assert r.step == "asd" and r.reason and not r.retryable  # the rules would say the same again
+    # under the default limit, a task the rules mostly cannot convert fails, with what to do
+    with pytest.raises(TooManyRejects, match="02-textvqa: 2 of 2 selected rows rejected.*asd.backend=openai"):
+        run_asd(
+            bench.task_file("02-textvqa"),
+            bench.image_root,
+            tmp_path / "default",
+            ASDConfig(percent=100),
+            benchmark="coin",
+        )
 
 
 def test_one_training_step_and_evaluation_with_coin_scorers(coin_bench, small_run, tmp_path: Path) -> None:

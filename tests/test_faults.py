@@ -208,3 +208,206 @@ def test_a_yaml_error_names_the_file_and_line(tmp_path) -> None:
     bad.write_text("experiment: x\ntrain:\n  lora_r: 8\n   learning_rate: 1\n")
     res = CliRunner().invoke(app, ["prepare", "-c", str(bad)], env={"COLUMNS": "300"})
     assert res.exit_code == 2 and f"{bad}, line 4" in res.output and "Traceback" not in res.output, res.output
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 1 MiB-and-a-bit tmpfs at tmp_path/disk (root only; skipped where mounting is refused)."""
+    import subprocess
+
+    disk = tmp_path / "disk"
+    disk.mkdir()
+
+    def mount(size: int) -> Path:
+        r = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(disk)], capture_output=True
+        )
+        if r.returncode != 0:
+            pytest.skip(f"cannot mount a small tmpfs here: {r.stderr.decode().strip()[:200]}")
+        return disk
+
+    yield mount
+    subprocess.run(["umount", str(disk)], capture_output=True)
+
+
+def test_a_full_disk_is_named_as_such(small_run, small_disk) -> None:
+    """The run's disk fills during training (the checkpoint's write fails with a SafetensorError,
+    or torch's bare "enforce fail at inline_container.cc"): `sefe run` says the disk is full, in
+    its last lines, rc 1."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import SMALL
+
+    cfg0, _, _ = small_run
+    # what the prepared base and benchmark take on a tmpfs (whole 4 KiB pages per file and folder)
+    made = sum(
+        -(-f.stat().st_size // 4096) * 4096
+        for d in ("benchmark", "base")
+        for f in (cfg0.run_dir / d).rglob("*")
+    )
+    disk = small_disk(made + 600 * 1024)  # the prepared base and benchmark, and a little room
+    for d in ("benchmark", "base"):
+        shutil.copytree(cfg0.run_dir / d, disk / cfg0.run_dir.name / d)
+    sets = [
+        f"runs_root={disk}",
+        f"benchmark.minicoin.tasks=[{TASKS[0]}]",
+        "methods=[lora]",
+        "train.max_steps=3",
+    ]
+    args = [a for x in [*SMALL, *sets] for a in ("--set", x)]
+    r = subprocess.run(
+        [str(Path(sys.executable).with_name("sefe")), "run", *args],
+        capture_output=True, text=True, env={**os.environ, "COLUMNS": "400"}, timeout=900,
+    )  # fmt: skip
+    tail = r.stdout[-1500:]
+    assert r.returncode == 1, r.stdout[-3000:] + r.stderr[-3000:]
+    assert f"Run stopped: the disk holding {disk / cfg0.run_dir.name} is full" in tail, tail
+
+
+def test_a_failed_write_on_a_full_disk_is_recognised(tmp_path, monkeypatch) -> None:
+    import errno
+    import shutil as sh
+
+    from flows.cli import DISK_FULL_BELOW, _known_failure
+
+    enforce = RuntimeError("[enforce fail at inline_container.cc:626] . unexpected pos 64 vs 0")
+    free = {"bytes": 10 * 2**30}
+    monkeypatch.setattr(sh, "disk_usage", lambda p: sh._ntuple_diskusage(2**40, 0, free["bytes"]))
+    assert _known_failure(enforce, tmp_path) is None  # plenty of room: some other failure
+    assert "is full" in _known_failure(OSError(errno.ENOSPC, "No space left on device"), tmp_path)
+    free["bytes"] = DISK_FULL_BELOW // 2
+    why = _known_failure(enforce, tmp_path / "not-yet")
+    assert (
+        why.startswith(f"the disk holding {tmp_path / 'not-yet'} is full (32 MiB free")
+        and "inline_container" in why
+    )
+
+
+# ------------------------------------------------------------------------------------------
+# A served rewriter that misbehaves (a real HTTP server on 127.0.0.1, tests/fake_rewriter.py)
+# ------------------------------------------------------------------------------------------
+ASD_TASK = "03-imagenet"  # every style of it needs the rewriter
+
+
+def _asd_cfg(url: str, **server):
+    from sefe_core.asd import ASDConfig
+    from sefe_core.rewriter import ServerConfig
+
+    s = {**dict(base_url=url, model="fake", concurrency=2, backoff_s=0.01, retries=1), **server}
+    return ASDConfig(percent=50, backend="openai", shard_size=3, server=ServerConfig(**s))
+
+
+@pytest.fixture(scope="module")
+def asd_untouched(small_run, tmp_path_factory) -> str:
+    """sha256 of the ASD data a healthy rewriter gives the task."""
+    from sefe_core.asd import run_asd
+    from tests.fake_rewriter import FakeRewriter
+
+    _, bench, _ = small_run
+    with FakeRewriter() as fake:
+        res = run_asd(
+            bench.task_file(ASD_TASK), bench.image_root, tmp_path_factory.mktemp("asd"), _asd_cfg(fake.url)
+        )
+    assert res.rejected == 0 and res.converted == res.selected > 0
+    return sha256_file(res.data_path)
+
+
+@pytest.mark.parametrize("mode", ["html", "not-json", "null-content", "http-400", "wrong-count"])
+def test_bad_rewriter_replies_fail_the_task_and_are_retried_on_rerun(
+    small_run, asd_untouched, tmp_path, mode
+) -> None:
+    from data_contracts import REJECTS
+    from sefe_core.asd import TooManyRejects, run_asd
+    from tests.fake_rewriter import FakeRewriter
+
+    _, bench, _ = small_run
+    with FakeRewriter() as fake:
+        fake.mode = mode
+        cfg = _asd_cfg(fake.url)
+        with pytest.raises(
+            TooManyRejects, match=r"rejected \(100% > asd.max_reject_fraction=0.5\).*sent again on a rerun"
+        ):
+            run_asd(bench.task_file(ASD_TASK), bench.image_root, tmp_path, cfg)
+        assert not (tmp_path / f"{ASD_TASK}.parquet").exists()  # nothing to train "sefe" on
+        rejects = REJECTS.read_records(tmp_path / f"{ASD_TASK}.rejects.parquet")
+        assert rejects and all(r.retryable and r.raw_text for r in rejects), rejects[:1]
+        sent = fake.requests
+
+        fake.mode = "good"  # the server is fixed: the rerun sends what was rejected, once
+        res = run_asd(bench.task_file(ASD_TASK), bench.image_root, tmp_path, cfg)
+        assert res.rejected == 0 and sha256_file(res.data_path) == asd_untouched
+        assert 0 < fake.requests - sent <= len(rejects)
+        sent = fake.requests
+        assert run_asd(bench.task_file(ASD_TASK), bench.image_root, tmp_path, cfg).reused
+        assert fake.requests == sent  # finished: nothing sent again
+
+
+def test_rejects_under_the_limit_are_kept_and_a_pipeline_rerun_retries_them(
+    small_run, asd_untouched, tmp_path
+) -> None:
+    """In `sefe run`: a few bad replies do not stop the run, but its stored ASD step asks for a
+    rerun, which sends only those requests again (and retrains on the completed data)."""
+    from flows.pipeline import finished_pipeline, sefe_pipeline
+    from tests.fake_rewriter import FakeRewriter
+
+    with FakeRewriter() as fake:
+        broken = {"n": 0}
+        answer = fake.answer
+
+        def first_request_broken(h, body) -> None:
+            broken["n"] += 1
+            fake.mode = "not-json" if broken["n"] == 1 else "good"
+            answer(h, body)
+
+        fake.answer = first_request_broken
+        sets = [f"benchmark.minicoin.tasks=[{ASD_TASK}]", "methods=[sefe]", "train.max_steps=1", "workers=0",
+                "asd.backend=openai", "asd.percent=50", "asd.shard_size=3", f"asd.server.base_url={fake.url}",
+                "asd.server.model=fake", "asd.server.concurrency=1", "asd.server.retries=1"]  # fmt: skip
+        cfg = small_config(tmp_path, *sets)
+        sefe_pipeline(cfg)
+        data = cfg.run_dir / "data" / f"{ASD_TASK}.parquet"
+        assert sha256_file(data) != asd_untouched  # one image's rows missing
+        assert finished_pipeline(cfg) is None  # not shown as complete while rejects wait for a retry
+        sent = fake.requests
+        sefe_pipeline(cfg)
+        assert fake.requests - sent == 1 and sha256_file(data) == asd_untouched
+        assert finished_pipeline(cfg) is not None
+
+
+def test_a_dripping_server_is_cut_off_at_its_deadline(small_run, tmp_path) -> None:
+    import time
+
+    from sefe_core.asd import run_asd
+    from sefe_core.rewriter import RewriterUnavailable
+    from tests.fake_rewriter import FakeRewriter
+
+    _, bench, _ = small_run
+    with FakeRewriter() as fake:
+        fake.mode = "drip"  # one byte every 0.5 s: no single read waits past timeout_s
+        t0 = time.monotonic()
+        with pytest.raises(RewriterUnavailable, match=r"no complete reply within timeout_s=1 s"):
+            run_asd(
+                bench.task_file(ASD_TASK),
+                bench.image_root,
+                tmp_path,
+                _asd_cfg(fake.url, timeout_s=1, retries=0),
+            )
+        assert time.monotonic() - t0 < 10  # 2 concurrent requests, 1 s each (was: hung for good)
+
+
+def test_a_huge_reply_is_rejected_at_the_cap_not_read_whole(small_run, tmp_path) -> None:
+    from data_contracts import REJECTS
+    from sefe_core.asd import TooManyRejects, run_asd
+    from tests.fake_rewriter import FakeRewriter
+
+    _, bench, _ = small_run
+    with FakeRewriter() as fake:
+        fake.mode = "huge"  # 60 MB
+        cfg = _asd_cfg(fake.url, concurrency=1)
+        with pytest.raises(TooManyRejects, match="larger than asd.server.max_response_bytes=4000000"):
+            run_asd(bench.task_file(ASD_TASK), bench.image_root, tmp_path, cfg)
+        assert fake.sent_bytes < 20 * 2**20  # the client stopped reading near the cap
+    rejects = REJECTS.read_records(tmp_path / f"{ASD_TASK}.rejects.parquet")
+    assert all(r.retryable and len(r.raw_text) <= 2000 for r in rejects)

@@ -18,7 +18,7 @@ import httpx
 import pytest
 
 from data_contracts import INSTRUCTIONS, REJECTS
-from sefe_core.asd import ASDConfig, run_asd
+from sefe_core.asd import ASDConfig, TooManyRejects, run_asd
 from sefe_core.rewriter import RewriterUnavailable, ServerConfig
 from sefe_core.rewriter_served import OpenAIRewriter
 
@@ -92,7 +92,7 @@ def _cfg(served: Served, model: Path, percent: float, **kw) -> ASDConfig:
 def test_garbage_from_a_served_model_lands_in_rejects(small_run, served, tmp_path) -> None:
     _, bench, base = small_run
     for task in ("03-imagenet", "06-grounding"):
-        cfg = _cfg(served, base.path, percent=25)
+        cfg = _cfg(served, base.path, percent=25, max_reject_fraction=1.0)
         rw = OpenAIRewriter(cfg.server)
         res = run_asd(bench.task_file(task), bench.image_root, tmp_path, cfg, rewriter=rw)
         assert res.selected == 6 == res.converted + res.rejected
@@ -110,6 +110,14 @@ def test_garbage_from_a_served_model_lands_in_rejects(small_run, served, tmp_pat
             rw.stats["requests"] == len({r.id.split("-asd-")[0] for r in rejects})
             and posts >= rw.stats["requests"]
         )
+        assert all(r.retryable for r in rejects)  # not the asked JSON: worth sending again
+
+    # under the default limit, a task mostly rejected fails; the rerun sent the rejects again
+    cfg = _cfg(served, base.path, percent=25)
+    rw = OpenAIRewriter(cfg.server)
+    with pytest.raises(TooManyRejects, match=r"03-imagenet: 6 of 6 selected rows rejected .*sent again"):
+        run_asd(bench.task_file("03-imagenet"), bench.image_root, tmp_path, cfg, rewriter=rw)
+    assert rw.stats["requests"] == 6
 
 
 def test_slow_server_is_a_clear_error_after_the_retry_budget(small_run, served, tmp_path) -> None:
@@ -118,7 +126,8 @@ def test_slow_server_is_a_clear_error_after_the_retry_budget(small_run, served, 
         served, base.path, percent=10, server=dict(timeout_s=0.001, retries=1, max_tokens_per_question=64)
     )
     with pytest.raises(
-        RewriterUnavailable, match=rf"{served.url}/chat/completions .*after 2 attempt.*Timeout"
+        RewriterUnavailable,
+        match=rf"{served.url}/chat/completions .*after 2 attempt.*no complete reply within timeout_s=0.001 s",
     ):
         run_asd(bench.task_file("04-gqa"), bench.image_root, tmp_path, cfg)
     assert not (tmp_path / "04-gqa.parquet").exists()
@@ -145,8 +154,13 @@ def test_server_going_down_keeps_saved_shards_and_a_rerun_resumes(small_run, ser
 
     again = Served(base.path, tmp_path / "serve2.log")  # a fresh server, on another port
     try:
+        # the tiny model's garbage is retryable: kept as it is here, this test is about resuming
+        keep = dict(retry_rejects="none", max_reject_fraction=1.0)
         res = run_asd(
-            bench.task_file(task), bench.image_root, tmp_path, _cfg(again, base.path, 50, shard_size=3)
+            bench.task_file(task),
+            bench.image_root,
+            tmp_path,
+            _cfg(again, base.path, 50, shard_size=3, **keep),
         )
     finally:
         again.stop()

@@ -1,0 +1,136 @@
+"""A rewriter server for tests of the `openai` backend's failure handling: a real HTTP server on
+127.0.0.1 (real sockets, so a reply can drip or be huge) that answers every chat request
+correctly, or in one chosen broken way.
+
+    with FakeRewriter() as fake:          # fake.url: the base_url to configure
+        fake.mode = "html"                # every later request gets an HTML page
+"""
+
+from __future__ import annotations
+
+import http.server
+import json
+import re
+import threading
+import time
+from typing import Any
+
+WRONG = ("ring", "pole", "cross", "bar", "star")
+EXPLANATION = "The object has the outline and the flat colour of this class, unlike the other options."
+MODES = ("good", "html", "not-json", "null-content", "http-400", "wrong-count", "drip", "huge")
+
+
+def good_reply(body: dict[str, Any]) -> dict[str, Any]:
+    """A correct chat completion for a request of the openai backend: for every numbered
+    question, as many distinct wrong answers as it asks for and an explanation when asked."""
+    text = body["messages"][1]["content"][1]["text"]
+    items = re.findall(
+        r"(\d+)\. Question: .*\n   Correct answer: (.*)\n   Wrong answers to write: (\d)\n"
+        r"   Explanation to write: (.*)",
+        text,
+    )
+    answers = [
+        {
+            "number": int(k),
+            "wrong_answers": [w for w in WRONG if w != correct][: int(n)],
+            "explanation": _words(int(re.search(r"\d+", want).group())) if "about" in want else "",
+        }
+        for k, correct, n, want in items
+    ]
+    return _completion(json.dumps({"answers": answers}))
+
+
+def _words(n: int) -> str:
+    """An explanation of about `n` words (what the prompt asks for)."""
+    words = (EXPLANATION.rstrip(".") + " and").split() * (n // 10 + 1)
+    return " ".join(words[:n]) + "."
+
+
+def _completion(content: str | None) -> dict[str, Any]:
+    return {"choices": [{"message": {"role": "assistant", "content": content}}]}
+
+
+class FakeRewriter:
+    """The server; `mode` may change between requests; `requests` counts what arrived and
+    `sent_bytes` what the last huge reply got out before the client hung up."""
+
+    def __init__(self) -> None:
+        self.mode = "good"
+        self.requests = 0
+        self.sent_bytes = 0
+        fake = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def do_POST(self) -> None:  # noqa: N802 - http.server's name
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                fake.requests += 1
+                fake.answer(self, body)
+
+        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self._server.server_port}/v1"
+
+    def answer(self, h: http.server.BaseHTTPRequestHandler, body: dict[str, Any]) -> None:
+        mode = self.mode
+        if mode == "drip":  # headers at once, then one byte every 0.5 s: no read ever times out
+            h.send_response(200)
+            h.send_header("Content-Type", "application/json")
+            h.send_header("Content-Length", "100000")
+            h.end_headers()
+            try:
+                for _ in range(100000):
+                    h.wfile.write(b" ")
+                    h.wfile.flush()
+                    time.sleep(0.5)
+            except OSError:
+                return
+        if mode == "huge":  # a 60 MB reply, written until the client stops reading
+            chunk, total = b"x" * 2**20, 60 * 2**20
+            h.send_response(200)
+            h.send_header("Content-Type", "application/json")
+            h.send_header("Content-Length", str(total))
+            h.end_headers()
+            self.sent_bytes = 0
+            try:
+                while self.sent_bytes < total:
+                    h.wfile.write(chunk)
+                    self.sent_bytes += len(chunk)
+            except OSError:
+                pass
+            return
+        status, ctype, payload = 200, "application/json", None
+        if mode == "good":
+            payload = json.dumps(good_reply(body))
+        elif mode == "html":
+            ctype, payload = "text/html", "<html><body><h1>502 Bad Gateway</h1></body></html>"
+        elif mode == "not-json":
+            payload = json.dumps(_completion("Sure! Here are some wrong answers: ring, pole, cross."))
+        elif mode == "null-content":
+            payload = json.dumps(_completion(None))
+        elif mode == "http-400":
+            status, payload = 400, json.dumps({"error": {"message": "prompt is too long for this model"}})
+        elif mode == "wrong-count":
+            reply = good_reply(body)
+            answers = json.loads(reply["choices"][0]["message"]["content"])["answers"]
+            payload = json.dumps(_completion(json.dumps({"answers": answers + answers[:1]})))
+        else:
+            raise ValueError(f"unknown mode {mode!r}; known: {MODES}")
+        data = payload.encode()
+        h.send_response(status)
+        h.send_header("Content-Type", ctype)
+        h.send_header("Content-Length", str(len(data)))
+        h.end_headers()
+        h.wfile.write(data)
+
+    def __enter__(self) -> FakeRewriter:
+        threading.Thread(target=self._server.serve_forever, daemon=True, name="fake-rewriter").start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._server.shutdown()
+        self._server.server_close()
