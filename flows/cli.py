@@ -189,7 +189,9 @@ def run(config: Path | None = ConfigOpt, set_: list[str] = SetOpt) -> None:
             why = _known_failure(e, cfg.run_dir)
             if why is None:
                 raise
-            console.print(f"[red]Run stopped:[/] {why}\nFinished steps are kept: rerun the same command to resume.")
+            console.print(
+                f"[red]Run stopped:[/] {why}\nFinished steps are kept: rerun the same command to resume."
+            )
             raise typer.Exit(1) from None
         work = out["work"]
     _metrics_table(Path(out["metrics"]))
@@ -650,3 +652,15 @@ def assemble(
         console.print(f"[red]Cannot assemble:[/] {e}")
         raise typer.Exit(2) from None
     console.print(f"LLaVA-1.5 -> [bold]{path}[/] in {time.perf_counter() - t0:.0f} s")
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def worker(
+    ctx: typer.Context, pool: str = typer.Option("sefe-process", "--pool", "-p", help="Work pool.")
+) -> None:
+    """`prefect worker start --pool POOL` for the deployments (extra options pass through), with a
+    Ctrl-C that stops it: the flow runs in flight are cancelled (rerun to resume), then the worker
+    exits. Prefect 3.8's own worker ignores a first Ctrl-C."""
+    from flows.worker import run_worker
+
+    raise typer.Exit(run_worker(pool, list(ctx.args), say=lambda m: console.print(f"[yellow]{m}[/]")))

@@ -138,3 +138,71 @@ def test_the_nightly_schedule_creates_its_upcoming_runs(prefect_server) -> None:
     # no server service failed along the way (the scheduler's error was logged, not raised)
     for marker in ("InvalidRequestError", "Traceback"):
         assert marker not in log, log[log.index(marker) - 1500 : log.index(marker) + 1500]
+
+
+def test_ctrl_c_on_sefe_worker_cancels_its_run_and_exits(prefect_server, tmp_path: Path) -> None:
+    """`prefect worker start` ignores a first Ctrl-C (Prefect 3.8); `sefe worker` cancels the run
+    it is training (UI: Cancelled, nothing left running) and exits; a rerun resumes."""
+    import json
+    import signal
+    import uuid
+
+    from tests.conftest import SMALL
+    from tests.test_resume import _processes_with
+
+    api, env, _ = prefect_server
+    _prefect(env, "work-pool", "create", "sefe-process", "--type", "process")
+    _prefect(env, "deploy", "--name", "minicoin-demo")
+    marker = uuid.uuid4().hex
+    env = {**env, "SEFE_TEST_RUN": marker}
+    sets = [f"runs_root={tmp_path / 'runs'}", *SMALL, "benchmark.minicoin.tasks=[01-scienceqa]",
+            "methods=[lora]", "train.max_steps=150", "train.save_steps=5", "workers=2"]  # fmt: skip
+    from sefe_core.config import load_config
+
+    cfg = load_config(None, sets)
+    log = open(tmp_path / "worker.log", "w")  # noqa: SIM115 (closed below)
+    worker = subprocess.Popen(
+        [str(Path(sys.executable).with_name("sefe")), "worker", "--pool", "sefe-process"],
+        cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
+    try:
+        params = json.dumps({"config": cfg.model_dump(mode="json")})
+        out = _prefect(env, "deployment", "run", "sefe-pipeline/minicoin-demo", "--params", params).stdout
+        run_id = next(ln.split()[-1] for ln in out.splitlines() if "UUID" in ln)
+        task_dir = cfg.run_dir / "lora" / "task-01-scienceqa"
+        deadline = time.monotonic() + 300
+        while not list(task_dir.glob("checkpoints/checkpoint-*")):  # training, in the pool's workers
+            assert worker.poll() is None and time.monotonic() < deadline, (
+                tmp_path / "worker.log"
+            ).read_text()[-3000:]
+            time.sleep(0.2)
+        t0 = time.monotonic()
+        os.killpg(worker.pid, signal.SIGINT)  # Ctrl-C in its terminal
+        rc = worker.wait(timeout=60)
+        took = time.monotonic() - t0
+        left = _processes_with(f"SEFE_TEST_RUN={marker}")
+        state = httpx.get(f"{api}/flow_runs/{run_id}", timeout=30).json()["state_name"]
+        text = (tmp_path / "worker.log").read_text()
+        assert (rc, state, left) == (130, "Cancelled", []) and took < 45, (
+            rc,
+            state,
+            left,
+            took,
+            text[-3000:],
+        )
+        assert "Cancelling 1 flow run(s) in flight" in text
+    finally:
+        if worker.poll() is None:
+            os.killpg(worker.pid, signal.SIGKILL)
+        for pid in _processes_with(f"SEFE_TEST_RUN={marker}"):
+            os.kill(pid, signal.SIGKILL)
+        log.close()
+    assert not (task_dir / "train.json").exists()  # stopped mid-task: a rerun resumes it
+
+    res = subprocess.run(
+        [str(Path(sys.executable).with_name("sefe")), "run", *[a for s in sets for a in ("--set", s)]],
+        cwd=REPO, env={**env, "COLUMNS": "200"}, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    done = json.loads((task_dir / "train.json").read_text())
+    assert done["global_step"] == 150 and done["steps_run"] < 150  # resumed from its checkpoint
