@@ -28,19 +28,22 @@ RUN_GRACE_S = 30.0  # Prefect's own cancellation: SIGTERM to the run's group, SI
 WORKER_GRACE_S = 3.0  # the worker, idle by then: SIGINT, then SIGKILL (it ignores SIGINT)
 
 
-def _children() -> dict[int, list[int]]:
-    """ppid -> pids, from /proc."""
-    out: dict[int, list[int]] = {}
+def _processes() -> list[tuple[int, str, int, int]]:
+    """(pid, state, ppid, pgid) of every process, from /proc/<pid>/stat."""
+    out = []
     for stat in Path("/proc").glob("[0-9]*/stat"):
         with contextlib.suppress(OSError, ValueError, IndexError):
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-            out.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+            state, ppid, pgid = stat.read_text().rsplit(")", 1)[1].split()[:3]
+            out.append((int(stat.parent.name), state, int(ppid), int(pgid)))
     return out
 
 
 def flow_runs_under(pid: int) -> dict[str, int]:
     """The flow runs a worker is running: flow run id -> the process group of its process."""
-    tree, runs, todo = _children(), {}, [pid]
+    tree: dict[int, list[int]] = {}
+    for child, _, parent, _ in _processes():
+        tree.setdefault(parent, []).append(child)
+    runs, todo = {}, [pid]
     while todo:
         for child in tree.get(todo.pop(), []):
             todo.append(child)
@@ -76,12 +79,7 @@ def _cancel(run_ids: list[str], stopped: Callable[[], None]) -> None:
 
 def _group_alive(pgid: int) -> bool:
     """Is a live (not zombie) process left in the group?"""
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        with contextlib.suppress(OSError, ValueError, IndexError):
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-            if int(fields[2]) == pgid and fields[0] != "Z":
-                return True
-    return False
+    return any(group == pgid and state != "Z" for _, state, _, group in _processes())
 
 
 def stop(worker: subprocess.Popen, say=print) -> None:  # noqa: ANN001 (a print-like callable)

@@ -105,7 +105,9 @@ class ASDConfig(BaseModel):
         "that failed validation), 'none'",
     )
     max_reject_fraction: float = Field(
-        0.5, ge=0, le=1,
+        0.5,
+        ge=0,
+        le=1,
         description="a task with a larger share of its selected rows rejected fails (rejects are "
         "kept, a rerun retries them) instead of training on mostly original data",
     )
@@ -433,7 +435,7 @@ def run_asd(
     per_style, reasons = _summary(rows, rejects, styles)
     retryable = sum(cfg.retries(r) for r in rejects)
     if requests and len(rejects) > cfg.max_reject_fraction * len(requests):
-        raise _too_many_rejects(task, len(requests), rejects, reasons, rejects_path, cfg)
+        raise _too_many_rejects(task, len(requests), rejects, retryable, reasons, rejects_path, cfg)
     if rejects:
         log.warning(
             "ASD %s: %d of %d selected rows rejected (%d sent again on a rerun), kept in %s; most common: %s",
@@ -486,9 +488,9 @@ class TooManyRejects(RuntimeError):
 
 
 def _too_many_rejects(
-    task: str, selected: int, rejects: list[RejectRecord], reasons: dict[str, int], path: Path, cfg: ASDConfig
-) -> TooManyRejects:
-    again = sum(cfg.retries(r) for r in rejects)
+    task: str, selected: int, rejects: list[RejectRecord], again: int, reasons: dict[str, int], path: Path,
+    cfg: ASDConfig,
+) -> TooManyRejects:  # fmt: skip
     top = "; ".join(f"{n} x {reason}" for reason, n in list(reasons.items())[:3])
     then = (
         f"{again} of them are sent again on a rerun (asd.retry_rejects={cfg.retry_rejects}): fix the "
@@ -514,7 +516,9 @@ def _finished(manifest_path: Path, key: str, cfg: ASDConfig) -> dict | None:
     m = json.loads(manifest_path.read_text())
     if m.get("key") != key:
         return None
-    if (cfg.retry_rejects == "all" and m["rejected"]) or (cfg.retry_rejects == "retryable" and m["retryable"]):
+    if (cfg.retry_rejects == "all" and m["rejected"]) or (
+        cfg.retry_rejects == "retryable" and m["retryable"]
+    ):
         return None
     for name, sha in m["files"].items():
         p = manifest_path.parent / name
@@ -529,5 +533,4 @@ def _finished(manifest_path: Path, key: str, cfg: ASDConfig) -> dict | None:
         shards=m["shards"],
         shards_reused=m["shards"],
         backend=m["backend"],
-        retryable=0,
     )

@@ -162,7 +162,9 @@ class ServerConfig(BaseModel):
     api_key_env: str = Field("OPENAI_API_KEY", description="env var holding the bearer token, if any")
     concurrency: int = Field(8, ge=1)
     timeout_s: float = Field(
-        120.0, gt=0, description="the most one attempt may take, connect to last byte (a server that "
+        120.0,
+        gt=0,
+        description="the most one attempt may take, connect to last byte (a server that "
         "drips its reply is cut off here, then retried)",
     )
     max_response_bytes: int = Field(

@@ -132,17 +132,21 @@ def parse_reply(text: str, n: int) -> list[Outcome]:
     if not isinstance(answers, list):
         return [Rejection("model reply JSON has no 'answers' list", text, retryable=True)] * n
     if len(answers) != n:
-        return [Rejection(f"model reply has {len(answers)} answers for {n} questions", text, retryable=True)] * n
+        return [
+            Rejection(f"model reply has {len(answers)} answers for {n} questions", text, retryable=True)
+        ] * n
     numbers = [a.get("number") if isinstance(a, dict) else None for a in answers]
     if sorted(x for x in numbers if type(x) is int) != list(range(1, n + 1)):
-        return [Rejection(f"model reply numbers answers {numbers}, expected 1..{n}", text, retryable=True)] * n
+        return [
+            Rejection(f"model reply numbers answers {numbers}, expected 1..{n}", text, retryable=True)
+        ] * n
     out: list[Outcome] = [Rejection("unreachable", text)] * n
     for a in answers:
         wrong, expl = a.get("wrong_answers"), a.get("explanation")
         if not isinstance(wrong, list) or not all(isinstance(w, str) for w in wrong):
-            out[a["number"] - 1] = Rejection("'wrong_answers' is not a list of strings", text, True)
+            out[a["number"] - 1] = Rejection("'wrong_answers' is not a list of strings", text, retryable=True)
         elif not isinstance(expl, str):
-            out[a["number"] - 1] = Rejection("'explanation' is not a string", text, True)
+            out[a["number"] - 1] = Rejection("'explanation' is not a string", text, retryable=True)
         else:
             out[a["number"] - 1] = Material(tuple(wrong), expl, text)
     return out
