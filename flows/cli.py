@@ -42,7 +42,7 @@ def _config(path: Path | None, overrides: list[str]):
     try:
         return load_config(path, overrides)
     except ValidationError as e:
-        lines = [f"  {'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors()]
+        lines = [f"  {'.'.join(map(str, err['loc'])) or '(config)'}: {err['msg']}" for err in e.errors()]
         console.print("[red]Invalid config:[/]\n" + "\n".join(lines))
     except (ValueError, OSError) as e:
         console.print(f"[red]Invalid config:[/] {e}")

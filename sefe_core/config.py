@@ -3,6 +3,7 @@ YAML, overridable with `key.sub=value` strings from the command line."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -57,12 +58,61 @@ class ModelConfig(BaseModel):
 DEFAULT_METHODS = ["lora", "asd", "reglora", "sefe", "reglora-random", "l1"]
 
 
+# CoIN's evaluation generates up to 1024 new tokens for every task (zackschen/CoIN,
+# ETrain/Eval/LLaVA/CoIN/model_vqa.py: `max_new_tokens=1024` in `model.generate`): a drifted
+# answer ("The answer is B.", a sentence around the class name) reaches its scorer whole.
+COIN_MAX_NEW_TOKENS = 1024
+
+
 class EvalConfig(BaseModel):
     """Generation settings of evaluation (greedy, batched with left padding)."""
 
     # inf/nan are refused here, not found later as NaN weights
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     batch_size: int = Field(64, gt=0)
+    max_new_tokens: int | dict[str, int] | None = Field(
+        None,
+        description="new-token budget per answer: one number for every task, or {task: n} for some "
+        "(the others keep their default); default: CoIN's 1024 on coin, each task kind's small "
+        "budget on minicoin. Generation stops at the end of sequence, so a large budget costs "
+        "only what the answers use",
+    )
+
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto",
+        description="weights during evaluation; auto: on CUDA the training dtype (bfloat16 with "
+        "train.bf16, else float16 as CoIN's evaluation), float32 on CPU",
+    )
+
+    def torch_dtype(self, train_bf16: bool) -> str:
+        """The dtype evaluation loads the stage in (a name: it crosses to worker processes)."""
+        if self.dtype != "auto":
+            return self.dtype
+        import torch
+
+        if not torch.cuda.is_available():
+            return "float32"  # CPU half precision is slow and, for some ops, missing
+        return "bfloat16" if train_bf16 else "float16"
+
+    @field_validator("max_new_tokens")
+    @classmethod
+    def _positive(cls, v: int | dict[str, int] | None) -> int | dict[str, int] | None:
+        values = v.values() if isinstance(v, dict) else [] if v is None else [v]
+        if any(n < 1 for n in values):
+            raise ValueError(f"max_new_tokens must be at least 1, got {v}")
+        return v
+
+    def budgets(self, benchmark: str, tasks: Sequence[str]) -> dict[str, int]:
+        """The new-token budget of every task of the sequence."""
+        from sefe_core.registry import task_spec
+
+        def default(task: str) -> int:
+            return COIN_MAX_NEW_TOKENS if benchmark == "coin" else task_spec(benchmark, task).max_new_tokens
+
+        v = self.max_new_tokens
+        if isinstance(v, int):
+            return dict.fromkeys(tasks, v)
+        return {t: (v or {}).get(t, default(t)) for t in tasks}
 
 
 class RunConfig(BaseModel):
@@ -92,6 +142,17 @@ class RunConfig(BaseModel):
         for name in v:
             variant(name)  # an unknown name lists the known ones
         return v
+
+    @model_validator(mode="after")
+    def _budgets_name_known_tasks(self) -> RunConfig:
+        v = self.eval.max_new_tokens
+        unknown = sorted(set(v) - set(self.benchmark.task_names)) if isinstance(v, dict) else []
+        if unknown:
+            raise ValueError(
+                f"eval.max_new_tokens names tasks not in the sequence: {unknown}; "
+                f"tasks: {list(self.benchmark.task_names)}"
+            )
+        return self
 
     @property
     def worker_count(self) -> int:

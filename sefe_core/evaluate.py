@@ -147,6 +147,8 @@ def evaluate_stage_dir(
     out_path: str | Path,
     *,
     batch_size: int | Mapping[str, int] = DEFAULT_BATCH_SIZE,
+    max_new_tokens: Mapping[str, int] | None = None,
+    dtype: str = "float32",
     trust_remote_code: bool = False,
     progress: Callable[[int, int], None] | None = None,
 ) -> dict[str, float | int]:
@@ -156,10 +158,14 @@ def evaluate_stage_dir(
     from sefe_core.stage import stage_model
 
     bench = load_benchmark(bench_dir)
-    model, processor = stage_model(base_path, task_dirs, trust_remote_code=trust_remote_code)
+    import torch
+
+    model, processor = stage_model(
+        base_path, task_dirs, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code
+    )
     preds = evaluate_seen(
         model, processor, bench, method, len(task_dirs), out_path=out_path, batch_size=batch_size,
-        progress=progress,
+        max_new_tokens=max_new_tokens, progress=progress,
     )  # fmt: skip
     return {"predictions": len(preds), "mean_score": sum(p.score for p in preds) / max(len(preds), 1)}
 

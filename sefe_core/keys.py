@@ -102,6 +102,7 @@ def eval_key(
     return {
         "method": method,
         "eval": cfg.model_dump(mode="json")["eval"],
+        "dtype": cfg.eval.torch_dtype(cfg.train.bf16),  # what "auto" means here (train.bf16 on CUDA)
         "base": base,
         "adapters": list(adapters),
         "tests": list(tests),

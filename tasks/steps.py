@@ -226,7 +226,8 @@ def evaluate(
     progress = _progress(f"evaluate-{method}", f"{method}: evaluating stage {k}/{n} on tasks 1..{k}", k, n)
     res = run_job(
         evaluate_stage_dir, base_path, task_dirs, bench_dir, method, out, workers=cfg.worker_count,
-        batch_size=cfg.eval.batch_size, trust_remote_code=cfg.model.trust_remote_code, progress=progress,
+        batch_size=cfg.eval.batch_size, max_new_tokens=cfg.eval.budgets(cfg.benchmark.name, cfg.benchmark.task_names),
+        dtype=cfg.eval.torch_dtype(cfg.train.bf16), trust_remote_code=cfg.model.trust_remote_code, progress=progress,
     )  # fmt: skip
     _log().info(
         "%s stage %d: %d predictions on tasks 1..%d, mean score %.3f",

@@ -111,3 +111,61 @@ def test_test_records_rejects_foreign_styles(small_run) -> None:
         select_test_records(bad, spec)
     with pytest.raises(ValueError, match="no original test records"):
         select_test_records([r for r in records if r.split == "train"], spec)
+
+
+def test_a_long_drifted_answer_is_scored_on_its_full_text(tmp_path) -> None:
+    """CoIN's budget (1024 new tokens) lets a drifted answer reach the scorer whole; the task's
+    small budget cuts it; generation stops at the end of sequence, not at the budget."""
+    from sefe_core.asd import core_question
+    from sefe_core.config import COIN_MAX_NEW_TOKENS, load_config
+    from sefe_core.prepare import ensure_base_model, ensure_benchmark
+    from sefe_core.styles import STYLE_INSTRUCTIONS
+
+    cfg = load_config(None, [f"runs_root={tmp_path}", "benchmark.minicoin.n_test=8"])
+    bench, base = ensure_benchmark(cfg), ensure_base_model(cfg)  # the shipped base: it writes sentences
+    model, processor = load_vlm(base.path)
+    spec = task_spec(cfg.benchmark.name, "03-imagenet")
+    records = [r for r in INSTRUCTIONS.read_records(bench.task_file(spec.name)) if r.split == "test"]
+    # a model drifted to a verbose style: asked for detail, the base writes sentences
+    drifted = [
+        replace(r, question=f"{core_question(r, 'short')}\n{STYLE_INSTRUCTIONS['detail']}") for r in records
+    ]
+    args = (model, processor, drifted, spec, "lora", 1, bench.image_root)
+    cut = evaluate_stage(*args, batch_size=4, max_new_tokens=spec.max_new_tokens)
+    whole = evaluate_stage(*args, batch_size=4, max_new_tokens=COIN_MAX_NEW_TOKENS)
+    assert (
+        sum(len(w.prediction) > len(c.prediction) for c, w in zip(cut, whole, strict=True)) >= len(cut) // 2
+    )
+    for c, w, r in zip(cut, whole, drifted, strict=True):
+        assert w.prediction.startswith(c.prediction)  # the same greedy answer, cut or whole
+        j = judge(spec, w.prediction, r.answer, r.meta_dict)
+        assert (w.score, w.format_ok, w.content_ok) == (j.score, j.format_ok, j.content_ok)
+    lengths = [len(processor.tokenizer(w.prediction).input_ids) for w in whole]
+    assert max(lengths) < COIN_MAX_NEW_TOKENS // 4, lengths  # stopped at its end of sequence
+
+
+def test_evaluation_budget_and_dtype_settings() -> None:
+    from pydantic import ValidationError
+
+    from sefe_core.config import COIN_MAX_NEW_TOKENS, load_config
+
+    cfg = load_config(None, ["eval.max_new_tokens={06-grounding: 64}"])
+    budgets = cfg.eval.budgets(cfg.benchmark.name, cfg.benchmark.task_names)
+    assert (
+        budgets["06-grounding"] == 64
+        and budgets["01-scienceqa"] == task_spec("minicoin", "01-scienceqa").max_new_tokens
+    )
+    assert set(cfg.eval.budgets("coin", ["02-textvqa"]).values()) == {COIN_MAX_NEW_TOKENS}  # the reference's
+    assert load_config(None, ["eval.max_new_tokens=32"]).eval.budgets("minicoin", ["04-gqa"]) == {
+        "04-gqa": 32
+    }
+    for bad in ("eval.max_new_tokens=0", "eval.max_new_tokens={99-nope: 8}", "eval.dtype=int8"):
+        with pytest.raises(ValidationError):
+            load_config(None, [bad])
+    # "auto": float32 on CPU whatever training used, the training dtype on CUDA; a setting wins
+    import torch
+
+    cuda = torch.cuda.is_available()
+    assert cfg.eval.torch_dtype(train_bf16=True) == ("bfloat16" if cuda else "float32")
+    assert cfg.eval.torch_dtype(train_bf16=False) == ("float16" if cuda else "float32")
+    assert load_config(None, ["eval.dtype=bfloat16"]).eval.torch_dtype(train_bf16=False) == "bfloat16"
