@@ -158,15 +158,16 @@ _in_process = threading.Lock()
 
 
 def run_job(
-    fn: Callable[..., Any], /, *args: Any, workers: int, progress: Progress | None = None,
-    serial: bool = False, **kwargs: Any,
-) -> Any:  # fmt: skip
+    fn: Callable[..., Any], /, *args: Any, workers: int, progress: Progress | None = None, **kwargs: Any
+) -> Any:
     """`fn(*args, progress=..., **kwargs)` here (workers == 0) or in the pool (blocks until done).
 
-    `serial`: in this process, at most one such job at a time (two Trainers in threads of one
-    process share accelerate's global state and the global RNG); evaluation may overlap it."""
+    In this process, one job at a time, whatever its kind: jobs change process-wide state (the
+    global RNG, accelerate's state, torch's thread count, which `train_task` sets), and an
+    evaluation generating in one thread while a training thread called `torch.set_num_threads`
+    is the likeliest cause of a segfault seen once in CI (the suite runs with workers=0)."""
     if workers <= 0:
-        with _in_process if serial else contextlib.nullcontext():
+        with _in_process:
             return fn(*args, progress=progress, **kwargs)
     start(workers)
     assert _pool is not None

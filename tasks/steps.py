@@ -170,7 +170,7 @@ def train(
         n = len(cfg.benchmark.task_names)
         progress = _progress(f"train-{method}", f"{method}: training task {k}/{n} ({task})", k, n)
         res = run_job(
-            train_task, *args, workers=cfg.worker_count, serial=True, trust_remote_code=cfg.model.trust_remote_code,
+            train_task, *args, workers=cfg.worker_count, trust_remote_code=cfg.model.trust_remote_code,
             progress=progress,
         )  # fmt: skip
     _log().info(
