@@ -20,14 +20,15 @@ METRICS = ("MFT", "MFN", "MAA", "BWT")
 
 @dataclass(frozen=True)
 class InstructionRecord:
-    """One instruction sample. `image` is relative to the run's image root; `meta` is a JSON
+    """One instruction sample. `image` is relative to the run's image root, or None for a
+    text-only question (CoIN's ScienceQA has them; the model then sees no image tokens); `meta` is a JSON
     object holding what scorers and rewriters need beyond the answer (options, the ten TextVQA
     answers, scene metadata, image size)."""
 
     id: str = field(metadata=UNIQUE)
     task: str
     split: str = field(metadata=enum(*SPLITS))
-    image: str = field(metadata=RELATIVE_PATH)
+    image: str | None = field(metadata=RELATIVE_PATH)
     question: str
     answer: str
     style: str = field(metadata=enum(*STYLES))

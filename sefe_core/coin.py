@@ -17,7 +17,9 @@ Test ground truth per task, as the reference evaluators read it: ScienceQA from 
 (by question_id), TextVQA from the TextVQA val file (ten answers), GQA from testdev-balanced
 questions, Grounding from the test record's own `answer_bbox` (a box normalised by the longer
 image side, i.e. in LLaVA's square-padded frame) and `size`, the others from the record's
-`answer`. Records become `InstructionRecord`s; whatever cannot be used (image missing or
+`answer`. A record without `image` (ScienceQA's text-only questions) is kept as a text-only
+record: the reference trains and evaluates them with no image in the prompt.
+Records become `InstructionRecord`s; whatever cannot be used (image missing or
 unreadable, malformed record, no ground truth, unknown task folder) becomes a `RejectRecord`
 with its reason, never a silent drop. A whole file that is missing or not JSON is an error.
 """
@@ -350,14 +352,26 @@ class _ImageChecker:
         return out
 
 
+_TEXT_ONLY = ""  # `_image_path`'s answer for a record without an image
+
+
 def _image_path(rec: dict[str, Any]) -> str | None:
+    """The record's image path; `_TEXT_ONLY` when it has none (the key left out, as CoIN's
+    converter does for ScienceQA's text-only questions, or null); None when it is unusable."""
     img = rec.get("image")
+    if img is None:
+        return _TEXT_ONLY
     if not isinstance(img, str) or not img.strip():
         return None
     img = img.strip()
     if img.startswith("/") or ".." in img.split("/"):
         return None
     return img
+
+
+def _check_image(image: str, images: _ImageChecker) -> tuple[str | None, Any]:
+    """(reject reason, size) of a record's image; a text-only record has neither."""
+    return (None, None) if image == _TEXT_ONLY else images(image)
 
 
 def _raw(rec: Any) -> str:
@@ -436,7 +450,7 @@ def _train_record(
     image = _image_path(rec)
     if image is None:
         return f"malformed record: 'image' must be a relative path, got {rec.get('image')!r:.80}"
-    reason, size = images(image)
+    reason, size = _check_image(image, images)
     if reason is not None:
         return reason
     style = detect_style(question, answer, spec.native_style) if cfg.detects_styles else spec.native_style
@@ -450,7 +464,7 @@ def _train_record(
         id=f"{spec.name}-train-{cid}",
         task=spec.name,
         split="train",
-        image=image,
+        image=image or None,
         question=question,
         answer=answer,
         style=style,
@@ -483,7 +497,7 @@ def _test_record(
     truth = ground_truth_of(spec, rec, qid, question, table)
     if isinstance(truth, str):
         return truth
-    reason, size = images(image)
+    reason, size = _check_image(image, images)
     if reason is not None:
         return reason
     meta = {"coin_id": qid, **truth.meta}
@@ -493,7 +507,7 @@ def _test_record(
         id=f"{spec.name}-test-{qid}",
         task=spec.name,
         split="test",
-        image=image,
+        image=image or None,
         question=question,
         answer=truth.answer,
         style=spec.native_style,

@@ -79,10 +79,10 @@ def train_dataset(
 
     `fingerprint` names the encoding (the data's digest and the processor's identity): a second
     call with the same one reads the Arrow files written by the first. `cache_pixels=None` caches
-    pixel values when they are at most PIXEL_CACHE_BYTES a sample."""
+    pixel values when they are at most PIXEL_CACHE_BYTES a sample (never for a task with text-only
+    records: their rows keep a null image path)."""
     import datasets
 
-    with_pixels = pixel_bytes(collator) <= PIXEL_CACHE_BYTES if cache_pixels is None else cache_pixels
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
     progress = datasets.is_progress_bar_enabled()
@@ -98,6 +98,11 @@ def train_dataset(
         )
         if len(train) == 0:
             raise ValueError(f"{source}: no training records (split == 'train')")
+        # a fixed-shape pixel column has no value for a text-only record: those tasks keep paths
+        text_only = any(im is None for im in train["image"])
+        with_pixels = (
+            pixel_bytes(collator) <= PIXEL_CACHE_BYTES if cache_pixels is None else cache_pixels
+        ) and not text_only
 
         def encode(batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
             samples = [

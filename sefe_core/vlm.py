@@ -55,10 +55,16 @@ def pad_to_square(img: Image.Image, fill: Sequence[float]) -> Image.Image:
     return out
 
 
-def prompt_text(processor: ProcessorMixin, question: str) -> str:
-    """The checkpoint's own chat template with one image and the question, ready for generation."""
-    conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+def prompt_text(processor: ProcessorMixin, question: str, image: bool = True) -> str:
+    """The checkpoint's own chat template with the question (after one image, unless the question
+    is text-only: then no image token, as LLaVA prompts a record without `image`)."""
+    content = [{"type": "image"}] if image else []
+    conversation = [{"role": "user", "content": [*content, {"type": "text", "text": question}]}]
     return processor.apply_chat_template(conversation, add_generation_prompt=True)
+
+
+def has_image(sample: dict[str, Any]) -> bool:
+    return sample.get("image") is not None
 
 
 def open_image(
@@ -106,24 +112,39 @@ class VLMCollator:
 
     def encode(self, samples: list[dict[str, Any]], with_pixels: bool = True) -> list[dict[str, Any]]:
         """Per sample: token ids, labels (answer tokens only) and pixel values, unpadded; without
-        pixels, the image path instead (`pad` preprocesses it per batch)."""
+        pixels, the image path instead (`pad` preprocesses it per batch). A text-only sample
+        (image None) has neither: its prompt holds no image token."""
         tok = self.processor.tokenizer
-        prompts = [prompt_text(self.processor, s["question"]) for s in samples]
-        if with_pixels:
-            images = [open_image(s["image"], self.image_root, self.processor) for s in samples]
-            enc = self.processor(images=images, text=prompts, return_tensors=None, padding=False)
-            prompt_ids, pixels = enc["input_ids"], enc["pixel_values"]
-        else:
-            prompt_ids, pixels = self._prompt_ids(samples, prompts), [None] * len(samples)
+        prompts = [prompt_text(self.processor, s["question"], has_image(s)) for s in samples]
+        prompt_ids: list[list[int]] = [[] for _ in samples]
+        pixels: list[Any] = [None] * len(samples)
+        text_only = [i for i, s in enumerate(samples) if not has_image(s)]
+        if text_only:  # what the processor would do with text and no images: tokenise
+            for i, ids in zip(text_only, tok([prompts[i] for i in text_only])["input_ids"], strict=True):
+                prompt_ids[i] = list(ids)
+        imaged = [i for i, s in enumerate(samples) if has_image(s)]
+        if imaged:
+            subset, sub_prompts = [samples[i] for i in imaged], [prompts[i] for i in imaged]
+            if with_pixels:
+                images = [open_image(s["image"], self.image_root, self.processor) for s in subset]
+                enc = self.processor(images=images, text=sub_prompts, return_tensors=None, padding=False)
+                for j, i in enumerate(imaged):
+                    prompt_ids[i], pixels[i] = list(enc["input_ids"][j]), enc["pixel_values"][j]
+            else:
+                for i, ids in zip(imaged, self._prompt_ids(subset, sub_prompts), strict=True):
+                    prompt_ids[i] = list(ids)
         answers = tok([" " + s["answer"] for s in samples], add_special_tokens=False)["input_ids"]
         out = []
         for s, p_ids, a_ids, pix in zip(samples, prompt_ids, answers, pixels, strict=True):
-            ids = list(p_ids) + list(a_ids) + [tok.eos_token_id]
+            ids = p_ids + list(a_ids) + [tok.eos_token_id]
             lab = [IGNORE_INDEX] * len(p_ids) + list(a_ids) + [tok.eos_token_id]
             if self.max_length is not None:
                 ids, lab = ids[: self.max_length], lab[: self.max_length]
-            item = {"input_ids": ids, "labels": lab}
-            item.update({"pixel_values": np.asarray(pix)} if with_pixels else {"image": s["image"]})
+            item: dict[str, Any] = {"input_ids": ids, "labels": lab}
+            if with_pixels and pix is not None:
+                item["pixel_values"] = np.asarray(pix)
+            else:
+                item["image"] = s.get("image")
             out.append(item)
         return out
 
@@ -162,19 +183,20 @@ class VLMCollator:
             input_ids[i, :n] = torch.tensor(e["input_ids"])
             attention[i, :n] = 1
             label_t[i, :n] = torch.tensor(e["labels"])
-        if "pixel_values" in encoded[0]:
-            pixel_values = torch.as_tensor(np.stack([e["pixel_values"] for e in encoded]))
-        else:  # items that keep their image path: preprocessed here, as the processor would
-            images = [open_image(e["image"], self.image_root, self.processor) for e in encoded]
-            pixel_values = torch.as_tensor(
+        batch = {"input_ids": input_ids, "attention_mask": attention, "labels": label_t}
+        if any("pixel_values" in e for e in encoded):
+            stacked = [e["pixel_values"] for e in encoded if "pixel_values" in e]
+            batch["pixel_values"] = torch.as_tensor(np.stack(stacked))
+        elif any(has_image(e) for e in encoded):  # items that keep their image path: preprocessed
+            images = [
+                open_image(e["image"], self.image_root, self.processor) for e in encoded if has_image(e)
+            ]
+            batch["pixel_values"] = torch.as_tensor(
                 self.processor.image_processor(images, return_tensors="np")["pixel_values"]
             )
-        return {
-            "input_ids": input_ids,
-            "attention_mask": attention,
-            "pixel_values": pixel_values,
-            "labels": label_t,
-        }
+        # the images of a batch in sample order: the model fills the image tokens in that order,
+        # and a text-only sample has none (a batch of text-only samples has no pixel_values)
+        return batch
 
     def __call__(self, samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         """Raw samples are encoded first; items of an `EncodedDataset` are only padded."""
@@ -206,7 +228,8 @@ def generate_answers(
     sort_by_length: bool = True,
     count: bool = True,
 ) -> list[str]:
-    """Greedy answers for {image, question} samples, batched with left padding, in input order.
+    """Greedy answers for {image, question} samples (image None: text-only), batched with left
+    padding, in input order.
 
     With `sort_by_length`, samples are batched in order of prompt length so a batch pads little;
     answers come back in the caller's order either way.
@@ -214,7 +237,7 @@ def generate_answers(
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     tok = processor.tokenizer
-    prompts = [prompt_text(processor, s["question"]) for s in samples]
+    prompts = [prompt_text(processor, s["question"], has_image(s)) for s in samples]
     order = list(range(len(samples)))
     if sort_by_length and batch_size > 1 and len(samples) > batch_size:
         lengths = [len(ids) for ids in tok(prompts, add_special_tokens=False)["input_ids"]]
@@ -226,11 +249,14 @@ def generate_answers(
     try:
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
-            images = [open_image(samples[i]["image"], image_root, processor) for i in idx]
+            images = [
+                open_image(samples[i]["image"], image_root, processor) for i in idx if has_image(samples[i])
+            ]
             enc = processor(
-                images=images, text=[prompts[i] for i in idx], return_tensors="pt", padding=True
+                images=images or None, text=[prompts[i] for i in idx], return_tensors="pt", padding=True
             ).to(model.device)
-            enc["pixel_values"] = enc["pixel_values"].to(model.dtype)
+            if "pixel_values" in enc:
+                enc["pixel_values"] = enc["pixel_values"].to(model.dtype)
             gen = model.generate(
                 **enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id
             )

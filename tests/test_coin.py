@@ -32,6 +32,7 @@ from sefe_core.styles import MCQ_SUFFIX, SHORT_SUFFIX
 from sefe_core.train import TrainConfig, train_task
 
 SQA_Q = "Which object is hot?\nContext: N/A\nA. ice\nB. fire\nC. snow"
+SQA_TEXT_Q = "How many days are in a week?\nContext: N/A\nA. seven\nB. five"
 
 
 def _conv(rid: str, image: str, question: str, answer: str) -> dict:
@@ -47,6 +48,15 @@ def _conv(rid: str, image: str, question: str, answer: str) -> dict:
 
 def _test(qid: str, image: str, text: str, **extra) -> dict:
     return {"question_id": qid, "image": image, "text": text, **extra}
+
+
+def _text_only(rec: dict) -> dict:
+    """As CoIN's converter writes a ScienceQA question without a picture: no `image` key, no
+    `<image>` line."""
+    out = {k: v for k, v in rec.items() if k != "image"}
+    if "conversations" in out:
+        out["conversations"][0]["value"] = out["conversations"][0]["value"].removeprefix("<image>\n")
+    return out
 
 
 def _write(path: Path, obj) -> None:
@@ -68,11 +78,19 @@ def make_coin_root(root: Path) -> Path:
     # 01 ScienceQA: answers from problems.json; one test pid is not in it (-> reject)
     _write(
         a / "ScienceQA/train.json",
-        [_conv("11", "imgs/p0.png", SQA_Q, "B"), _conv("12", "imgs/p1.png", SQA_Q, "A")],
+        [
+            _conv("11", "imgs/p0.png", SQA_Q, "B"),
+            _conv("12", "imgs/p1.png", SQA_Q, "A"),
+            _text_only(_conv("13", "", SQA_TEXT_Q, "A")),
+        ],
     )
     _write(
         a / "ScienceQA/test.json",
-        [_test("21", "imgs/p0.png", f"<image>\n{SQA_Q}"), _test("99", "imgs/p1.png", SQA_Q)],
+        [
+            _test("21", "imgs/p0.png", f"<image>\n{SQA_Q}"),
+            _test("99", "imgs/p1.png", SQA_Q),
+            _text_only(_test("23", "", SQA_TEXT_Q)),
+        ],
     )
     problems = {
         "11": {
@@ -82,6 +100,8 @@ def make_coin_root(root: Path) -> Path:
         },
         "12": {"choices": ["ice", "fire", "snow"], "answer": 0, "solution": "Ice is cold."},
         "21": {"choices": ["ice", "fire", "snow"], "answer": 1, "solution": "Fire is hot."},
+        "13": {"choices": ["seven", "five"], "answer": 0, "solution": "A week has seven days."},
+        "23": {"choices": ["seven", "five"], "answer": 0, "solution": "A week has seven days."},
     }
     _write(root / "ScienceQA/problems.json", problems)
     # 02 TextVQA: ten answers from the val file
@@ -185,7 +205,7 @@ def make_coin_root(root: Path) -> Path:
 
 # (train, test, rejected, {reason kind: count}) per task
 EXPECTED = {
-    "01-scienceqa": (2, 1, 1, {"no ground truth": 1}),
+    "01-scienceqa": (3, 2, 1, {"no ground truth": 1}),  # one of each split is text-only
     "02-textvqa": (2, 2, 0, {}),
     "03-imagenet": (2, 1, 0, {}),
     "04-gqa": (1, 1, 2, {"image unreadable": 1, "no ground truth": 1}),
@@ -221,7 +241,8 @@ def test_loaders_counts_rejects_and_meta(coin_root: Path, tmp_path: Path) -> Non
         spec = task_spec("coin", task)
         for r in recs:
             assert "<image>" not in r.question and r.style == spec.native_style and r.origin == "original"
-            assert (tmp_path / "images" / r.image).is_file()  # resolves through the images link
+            if r.image is not None:  # text-only: ScienceQA's 13 and 23
+                assert (tmp_path / "images" / r.image).is_file()  # resolves through the images link
             if r.split == "test":  # every reference answer earns full marks from its own scorer
                 assert judge(spec, r.answer, r.answer, r.meta_dict).score == 1.0, r.id
     assert build.unknown_folders == ("Flickr30k",)
@@ -231,7 +252,16 @@ def test_loaders_counts_rejects_and_meta(coin_root: Path, tmp_path: Path) -> Non
 
     recs = {r.id: r for t in EXPECTED for r in INSTRUCTIONS.read_records(tmp_path / f"{t}.parquet")}
     sqa = recs["01-scienceqa-test-21"]
-    assert sqa.answer == "B" and sqa.question.endswith(MCQ_SUFFIX)
+    assert sqa.answer == "B" and sqa.question == f"{SQA_Q}\n{MCQ_SUFFIX}"
+    assert [r.image for r in recs.values() if r.task == "01-scienceqa"].count(None) == 2
+    text_only = recs["01-scienceqa-test-23"]
+    assert text_only.answer == "A" and text_only.meta_dict["options"] == ["seven", "five"]
+    assert recs["01-scienceqa-train-13"].question == SQA_TEXT_Q
+    # the reference appends the instruction to every test question, even one that has it
+    from sefe_core.kinds import get_kind
+
+    asked = get_kind("scienceqa").coin.test_question(f"{SQA_Q}\n{MCQ_SUFFIX}")
+    assert asked == f"{SQA_Q}\n{MCQ_SUFFIX}\n{MCQ_SUFFIX}"
     assert sqa.meta_dict["options"] == ["ice", "fire", "snow"] and sqa.meta_dict["answer_index"] == 1
     assert recs["01-scienceqa-train-11"].meta_dict["solution"].startswith("Fire is hot")
     tv = recs["02-textvqa-test-34602"]
@@ -356,7 +386,7 @@ def test_one_training_step_and_evaluation_with_coin_scorers(coin_bench, small_ru
         TrainConfig.minicoin(max_steps=1, per_device_train_batch_size=2, gradient_accumulation_steps=1),
         "lora",
     )
-    assert res.global_step == 1 and res.train_samples == 2
+    assert res.global_step == 1 and res.train_samples == 3
     model, processor = stage_model(base.path, [res.task_dir], device="cpu")
     preds = evaluate_seen(model, processor, bench, "lora", stage=6, batch_size=4)
     by_task: dict[str, int] = {}

@@ -60,3 +60,44 @@ def test_training_from_the_parquet_equals_training_from_records(small_run, tmp_p
     assert wa.keys() == wb.keys()
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=0, msg=k)
+
+
+def test_text_only_records_have_no_image_tokens_and_train_beside_pictures(small_run, tmp_path) -> None:
+    """CoIN's ScienceQA has questions without a picture: their prompts carry no image token, a
+    batch holds pixel values for its pictured samples only, in order, and the model trains on
+    both kinds (the task's Arrow rows keep paths: a pixel column has no value for them)."""
+    from dataclasses import replace
+
+    _, bench, base = small_run
+    model, processor = load_vlm(base.path)
+    collator = VLMCollator(processor, bench.image_root)
+    image_id = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
+    recs = [r for r in INSTRUCTIONS.read_records(bench.task_file(TASK)) if r.split == "train"]
+    mixed = [replace(r, image=None) if i % 2 else r for i, r in enumerate(recs)]
+    samples = [{"image": r.image, "question": r.question, "answer": r.answer} for r in mixed]
+    for with_pixels in (True, False):
+        enc = collator.encode(samples[:4], with_pixels=with_pixels)
+        counts = [sum(t == image_id for t in e["input_ids"]) for e in enc]
+        assert counts[1] == counts[3] == 0 and counts[0] == counts[2] > 0
+        # the answer is labelled the same way with or without the picture
+        assert (
+            enc[1]["labels"][-3:]
+            == collator.encode([{**samples[1], "image": recs[1].image}])[0]["labels"][-3:]
+        )
+        batch = collator.pad(enc)
+        assert batch["pixel_values"].shape[0] == 2
+        ref = collator.pad(collator.encode([samples[0], samples[2]]))["pixel_values"]
+        torch.testing.assert_close(batch["pixel_values"], ref, rtol=0, atol=0)
+        loss = model(**batch).loss
+        assert torch.isfinite(loss)
+    only_text = collator([samples[1], samples[3]])
+    assert "pixel_values" not in only_text and torch.isfinite(model(**only_text).loss)
+
+    path = tmp_path / f"{TASK}.parquet"
+    tests = [r for r in INSTRUCTIONS.read_records(bench.task_file(TASK)) if r.split == "test"]
+    INSTRUCTIONS.write(mixed + tests, path)
+    ds = train_dataset(path, collator, tmp_path / "cache", "mixed")
+    assert not ds.with_pixels and ds[1]["image"] is None and ds[0]["image"] == recs[0].image
+    cfg = TrainConfig.minicoin(max_steps=2, lora_r=4, lora_alpha=8, per_device_train_batch_size=4)
+    res = train_task(base.path, [], path, bench.image_root, tmp_path / "run" / f"task-{TASK}", cfg, "lora")
+    assert res.global_step == 2 and np.isfinite(res.final_loss)

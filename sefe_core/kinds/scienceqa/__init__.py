@@ -182,8 +182,10 @@ def _train_meta(question: str, answer: str, cid: str, problems: dict[str, Any] |
 
 
 def _test_question(question: str) -> str:
-    # the reference evaluation appends it (model_science_qa --single-pred-prompt)
-    return question if MCQ_SUFFIX in question else f"{question}\n{MCQ_SUFFIX}"
+    """As the reference evaluation asks it: the instruction appended to every test question, even
+    one that already ends with it (jinpeng0528/SEFE llava/eval/CoIN/model_science_qa.py:64-66;
+    run with --single-pred-prompt by scripts/Eval/1_ScienceQA.sh)."""
+    return f"{question}\n{MCQ_SUFFIX}"
 
 
 COIN = CoinAdapter(
