@@ -7,32 +7,58 @@ score in [0, 1]. Two rule sets:
 
 * ``compat="intended"`` (default): what each reference evaluator means to measure.
 * ``compat="reference"``: the reference evaluators' code, quirks included, to reproduce published
-  numbers. Followed: the SEFE repository's ``llava/eval/CoIN/eval_*.py`` (jinpeng0528/SEFE, the
-  code behind the paper's tables), CoIN's ``ETrain/Eval/LLaVA/CoIN/`` (zackschen/CoIN, GQA's
-  ``convert_gqa_for_eval.py``), and LLaVA's ``m4c_evaluator.py`` (EvalAI answer normalisation
-  and TextVQA soft accuracy). This is our own code written to those rules, not a copy.
+  numbers. Followed: what the SEFE repository's ``scripts/Eval/*.sh`` run (jinpeng0528/SEFE, the
+  code behind the paper's tables): its ``llava/eval/CoIN/eval_*.py``, ``llava/eval/m4c_evaluator.py``
+  (LLaVA's EvalAI answer normalisation and TextVQA soft accuracy) and
+  ``scripts/convert_gqa_for_eval.py``. CoIN's copies (zackschen/CoIN, ``ETrain/Eval/LLaVA/CoIN/``)
+  have the same rules but for ScienceQA, whose letter CoIN reads with another pattern. This is our
+  own code written to those rules, not a copy.
 
-Where the two differ (each one is tested in ``tests/test_scorers.py``):
+Where the two differ (each one is tested in ``tests/test_scorers.py``; each reference rule names
+its file and lines in a comment beside its code). The model's answer reaches the scorer already
+stripped (sefe_core/vlm.py, as the reference's ``model_*.py`` strips the decoded text), so the
+reference's missing strips bite only on text fed in by hand. The reference string is compared as
+the record holds it (sefe_core/coin.py strips CoIN's answers, which the reference reads as they
+are: a difference only for an answer written with surrounding whitespace):
 
 ============ ============================================ ==========================================
 scorer       reference evaluator                          intended rule (default)
 ============ ============================================ ==========================================
-scienceqa    ``The answer is ([A-Z]).``: the unescaped    the letter alone, "X." / "X. ...", or
-             ``.`` accepts any next character, so "The    exactly one "The answer is X" followed by
-             answer is Bob" reads as B and "The answer    "." or the end; surrounding whitespace is
-             is B" (no period) fails; "A." alone fails    ignored; "A." alone is A
+scienceqa    the letter alone, "X. " + anything, or       the letter alone, "X." / "X. ...", or
+             exactly one ``The answer is ([A-Z]).``:      exactly one "The answer is X" followed by
+             the unescaped ``.`` takes any character      "." or the end; surrounding whitespace is
+             but a newline, so "The answer is Bob" reads  ignored; "A." alone is A; a letter past
+             as B and "The answer is B" (no period)       the question's options is wrong
+             fails; "A." alone fails; no strip; a letter
+             past the question's choices is wrong
+textvqa      EvalAI normalisation that removes at most    the same soft accuracy with every such
+             32 periods (``re.UNICODE`` passed as         period removed
+             ``sub``'s count), then the leave-one-out
+             soft accuracy over the annotators' answers
 imagenet     raw, case-sensitive substring either way:    case-insensitive, whole words, either
              an empty answer is always right, "all" is    way; an empty answer is wrong
              right for "ball", "Ball" wrong
-gqa          strips trailing "." and one leading space,   strips whitespace and trailing ".",
-             lower-cases the prediction only               case-insensitive on both sides
-vizwiz/vqav2 ``pred.upper() == gt.upper()``, no strip     same after stripping whitespace
-ocrvqa       only "Unanswerable" (capitalised) is wrong  "unanswerable" in any case is wrong
+gqa          strips trailing "." and lower-cases the      strips whitespace and trailing ".",
+             prediction only; no whitespace strip         case-insensitive on both sides
+vizwiz/vqav2 ``pred.upper() == gt.upper()``, no strip     ``casefold`` equality after stripping
+             (so "ı" equals "i")                          whitespace
+ocrvqa       an answer containing "Unanswerable" (that    an answer containing "unanswerable" in
+             case only) is wrong; else                    any case is wrong; else as vizwiz
+             ``pred.lower() == gt.lower()``, no strip
 grounding    strips brackets then drops the first and     exactly four numbers, optionally in
              last characters (so y2 loses its last        brackets; IoU > 0.5 on the boxes as
-             digit: 0.47 -> 0.4; "1.0" as x1 -> 0.0)       written
-textvqa      (no difference; both use EvalAI normalisation and the leave-one-out soft accuracy)
+             digit: 0.47 -> 0.4; "1.0" as x1 -> 0.0;      written
+             "(0.1, 0.2, 0.3, 0.4)" is a box); both
+             boxes are scaled by the image's longer side
+             before IoU > 0.5, which moves answers at
+             IoU 0.5 either way
 ============ ============================================ ==========================================
+
+What the reference decides per file, not per answer, is not a scorer's to copy (our records are
+matched by id and averaged over the test split): ScienceQA divides by the number of predictions
+while scoring every problem of the split, ImageNet pairs answers with the test file by position,
+GQA counts only questions marked ``isBalanced``, and TextVQA refuses (asserts) any question
+without exactly ten answers, where we score the answers there are (one answer: exact match).
 
 `content_ok` is the lenient half of the forgetting split (docs/design.md §1.5): is the answer right
 once its format is ignored (the option letter or text found anywhere, the short answer contained
@@ -59,9 +85,11 @@ IOU_THRESHOLD = 0.5
 
 # --------------------------------------------------------------------------------------------
 # EvalAI / VQA answer normalisation (LLaVA's m4c_evaluator.EvalAIAnswerProcessor, itself from
-# the official VQA evaluation). Rules: lower-case; drop "," and "?"; split "'s"; punctuation
-# touching a space is removed, inside a word it becomes a space; a "." not followed by a digit is
-# removed; number words -> digits; articles dropped; missing apostrophes restored.
+# the official VQA evaluation; jinpeng0528/SEFE llava/eval/m4c_evaluator.py:6-217, its word lists
+# at :13-175, whose capitalised "Im"/"Ive"/"Id've" keys no lower-cased word reaches). Rules:
+# lower-case; drop "," and "?"; split "'s"; punctuation touching a space is removed, inside a word
+# it becomes a space; a "." not followed by a digit is removed; number words -> digits; articles
+# dropped; missing apostrophes restored.
 # --------------------------------------------------------------------------------------------
 _CONTRACTIONS: dict[str, str] = dict(
     pair.split("=")
@@ -122,23 +150,31 @@ _PUNCTUATION = (
     "!",
 )
 _DIGIT_COMMA = re.compile(r"(?<=\d),+(?=\d)")
-# The reference writes `(?!<=\d)(\.)(?!\d)`: a typo for a look-behind that never fires, so the
-# effective rule is "a period not followed by a digit". The reference also passes re.UNICODE as
-# `count`, so it stops after 32 periods; answers are far shorter, we do not copy that limit.
+# jinpeng0528/SEFE llava/eval/m4c_evaluator.py:151,194: the pattern `(?!<=\d)(\.)(?!\d)` is a
+# typo for a look-behind; as a look-ahead it never fires, so the rule is "a period not followed by
+# a digit". Its `sub` gets re.UNICODE (32) where the count goes, so it removes at most 32 periods;
+# the reference rule keeps that limit (period_limit), the intended one removes them all.
 _PERIOD = re.compile(r"\.(?!\d)")
+EVALAI_PERIOD_LIMIT = int(re.UNICODE)
 
 
-def normalize_answer(text: str) -> str:
-    """EvalAI answer normalisation, as used by the TextVQA / VQAv2 evaluators."""
+def normalize_answer(text: str, *, period_limit: int = 0) -> str:
+    """EvalAI answer normalisation, as the TextVQA evaluator applies it (the reference's VQAv2
+    evaluator compares raw text, see exact_reference). `period_limit`:
+    remove at most that many periods (0: all; EVALAI_PERIOD_LIMIT is the reference's)."""
+    # m4c_evaluator.py:180-183, 212-217: word_tokenize, then newlines and tabs, then strip
     t = text.lower().replace(",", "").replace("?", "").replace("'s", " 's").strip()
     t = t.replace("\n", " ").replace("\t", " ").strip()
+    # m4c_evaluator.py:185-193: each mark is dropped where it touches a space (judged on the text
+    # before any replacement), else replaced by a space
     out = t
     for p in _PUNCTUATION:
         if p + " " in t or " " + p in t or _DIGIT_COMMA.search(t):
             out = out.replace(p, "")
         else:
             out = out.replace(p, " ")
-    out = _PERIOD.sub("", out)
+    out = _PERIOD.sub("", out, count=period_limit)
+    # m4c_evaluator.py:197-210: number words, then articles, then contractions, word by word
     words = [_NUMBERS.get(w, w) for w in out.lower().split()]
     words = [_CONTRACTIONS.get(w, w) for w in words if w not in _ARTICLES]
     return " ".join(words)
@@ -165,18 +201,21 @@ def contains_answer(prediction: str, truth: str) -> bool:
 
 
 # --------------------------------------------------------------------------------------------
-# VQA soft accuracy (TextVQA, VQAv2 annotators)
+# VQA soft accuracy (TextVQA's ten annotators)
 # --------------------------------------------------------------------------------------------
-def vqa_soft_accuracy(prediction: str, answers: list[str]) -> float:
+def vqa_soft_accuracy(prediction: str, answers: list[str], *, period_limit: int = 0) -> float:
     """Leave-one-out VQA accuracy: the mean, over each annotator left out in turn, of
-    min(1, matches among the other annotators / 3), after normalisation. With a single answer
-    (no annotators to leave out) it is exact match after normalisation."""
-    pred = normalize_answer(prediction)
-    gts = [normalize_answer(a) for a in answers]
+    min(1, matches among the other annotators / 3), after normalisation (`period_limit` as in
+    normalize_answer). With a single answer (no annotators to leave out) it is exact match after
+    normalisation."""
+    pred = normalize_answer(prediction, period_limit=period_limit)
+    gts = [normalize_answer(a, period_limit=period_limit) for a in answers]
     if len(gts) == 1:
         return float(pred == gts[0])
+    # jinpeng0528/SEFE llava/eval/m4c_evaluator.py:224-245, 250-252: the same mean, summed in
+    # annotator order; leaving out annotator k removes one match exactly when k's answer is the
+    # prediction
     matches = sum(g == pred for g in gts)
-    # leaving out annotator k removes one match exactly when k's answer equals the prediction
     total = sum(min(1.0, (matches - (g == pred)) / 3) for g in gts)
     return total / len(gts)
 
@@ -190,6 +229,9 @@ def exact(prediction: str, reference: str, meta: Mapping[str, Any]) -> float:
 
 
 def exact_reference(prediction: str, reference: str, meta: Mapping[str, Any]) -> float:
+    """VizWiz and VQAv2 as the reference scores them: upper-cased equality, nothing stripped."""
+    # jinpeng0528/SEFE llava/eval/CoIN/eval_vizwiz.py:23-27 and eval_vqav2.py:22-26: the test
+    # file's own `answer` against the text, both upper-cased (so "ı" equals "i", unlike casefold)
     return float(prediction.upper() == reference.upper())
 
 

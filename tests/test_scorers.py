@@ -7,7 +7,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sefe_core.registry import SCORERS, benchmark_tasks, task_spec
-from sefe_core.scorers import content_ok, iou, judge, normalize_answer, score, vqa_soft_accuracy
+from sefe_core.scorers import (
+    EVALAI_PERIOD_LIMIT,
+    IOU_THRESHOLD,
+    content_ok,
+    iou,
+    judge,
+    normalize_answer,
+    score,
+    vqa_soft_accuracy,
+)
 
 SQA = {"options": ["box", "ball", "tent", "ring"], "answer_index": 1}  # correct: B. ball
 
@@ -30,12 +39,26 @@ def both(scorer: str, pred: str, ref: str, meta: dict) -> tuple[float, float]:
         ("The answer is B", 1, 0),  # no period: the reference's unescaped "." needs a character
         ("The answer is Bob.", 0, 1),  # ... which any character satisfies
         ("The answer is B. The answer is C.", 0, 0),  # more than one: no answer
+        ("The answer is F.", 0, 0),  # the reference's [A-Z] reads F, which is no option
+        ("The answer is Z. The answer is B.", 1, 0),  # ... and counts it: two sentences, no answer
+        ("The answer is B\nC", 0, 0),  # its "." takes any character but a newline
+        ("B.ball", 0, 0),  # "X." then anything but a space
         ("ball", 0, 0),
         ("", 0, 0),
     ],
 )
 def test_scienceqa(pred: str, intended: float, reference: float) -> None:
     assert both("scienceqa", pred, "B", SQA) == (intended, reference)
+
+
+def test_scienceqa_reference_letter_past_the_choices() -> None:
+    """eval_science_qa.py's get_pred_idx: a letter counts only among the first len(choices)
+    options, whichever path read it (an answer index past the options makes that visible)."""
+    meta = {"options": ["box", "ball", "tent"], "answer_index": 3}
+    for pred in ("D", "D. ring", "The answer is D."):
+        assert score("scienceqa", pred, "D", meta, compat="reference") == 0.0
+    meta = {"options": ["box", "ball", "tent"], "answer_index": 2}
+    assert score("scienceqa", "C", "C", meta, compat="reference") == 1.0
 
 
 @pytest.mark.parametrize(
@@ -71,6 +94,16 @@ def test_evalai_normalisation() -> None:
     assert normalize_answer("3.5") == "3.5"  # a period before a digit stays
 
 
+def test_evalai_normalisation_period_limit() -> None:
+    """m4c_evaluator.py:194 passes re.UNICODE where sub's count goes: at most 32 periods go."""
+    assert EVALAI_PERIOD_LIMIT == 32
+    assert normalize_answer("stop" + "." * 40) == "stop"  # the intended rule: every period
+    assert normalize_answer("stop" + "." * 32, period_limit=EVALAI_PERIOD_LIMIT) == "stop"
+    assert normalize_answer("stop" + "." * 40, period_limit=EVALAI_PERIOD_LIMIT) == "stop" + "." * 8
+    # periods before a digit are kept and not counted
+    assert normalize_answer("3.5" + "." * 33, period_limit=EVALAI_PERIOD_LIMIT) == "3.5."
+
+
 def test_textvqa_soft_accuracy() -> None:
     answers = ["stop"] * 7 + ["open"] * 3
     meta = {"answers": answers}
@@ -87,6 +120,16 @@ def test_textvqa_soft_accuracy() -> None:
     assert score("textvqa", "stop", "stop", {}) == 1.0  # no annotators: exact after normalisation
 
 
+def test_textvqa_reference_removes_at_most_32_periods() -> None:
+    """The reference's normalisation stops after 32 periods, on the answer and the annotators'."""
+    meta = {"answers": ["stop"] * 7 + ["open"] * 3}
+    assert both("textvqa", "stop" + "." * 32, "stop", meta) == (1.0, 1.0)
+    assert both("textvqa", "stop" + "." * 33, "stop", meta) == (1.0, 0.0)
+    dotted = {"answers": ["stop" + "." * 33] * 10}
+    assert both("textvqa", "stop", "stop", dotted) == (1.0, 0.0)
+    assert both("textvqa", "stop" + "." * 33, "stop", dotted) == (1.0, 1.0)
+
+
 @pytest.mark.parametrize(
     "pred, ref, intended, reference",
     [
@@ -97,6 +140,7 @@ def test_textvqa_soft_accuracy() -> None:
         ("", "ball", 0, 1),  # the reference counts an empty answer as right
         ("all", "ball", 0, 1),  # ... and any substring
         ("balls", "ball", 0, 1),
+        ("a ball", "ball ", 1, 0),  # the reference string is not stripped either
         ("box", "ball", 0, 0),
     ],
 )
@@ -109,9 +153,12 @@ def test_imagenet(pred: str, ref: str, intended: float, reference: float) -> Non
     [
         ("left", "left", 1, 1),
         ("Left.", "left", 1, 1),
-        (" left", "left", 1, 1),  # the reference strips one leading space
+        (" left", "left", 1, 0),  # the reference strips nothing but trailing periods
         ("  left", "left", 1, 0),
         ("left ", "left", 1, 0),
+        ("left. ", "left", 1, 0),  # rstrip(".") stops at the space
+        ("LEFT..", "left", 1, 1),  # every trailing period goes, the prediction is lower-cased
+        ("left", " left", 1, 0),  # the answer is compared as written
         ("left", "Left", 1, 0),  # the reference lower-cases the prediction only
         ("right", "left", 0, 0),
     ],
@@ -125,6 +172,8 @@ def test_vizwiz_vqav2_exact(scorer: str) -> None:
     assert both(scorer, "Unanswerable", "unanswerable", {}) == (1, 1)
     assert both(scorer, "YES", "yes", {}) == (1, 1)
     assert both(scorer, "yes ", "yes", {}) == (1, 0)
+    assert both(scorer, "yes", " yes", {}) == (1, 0)  # the answer is not stripped either
+    assert both(scorer, "ı", "i", {}) == (0, 1)  # upper() makes the dotless i an I; casefold does not
     assert both(scorer, "Yes, it is.", "yes", {}) == (0, 0)
     assert content_ok(scorer, "Yes, it is.", "yes", {})
     assert not content_ok(scorer, "yes and no", "yes", {})
@@ -140,6 +189,21 @@ def test_ocrvqa() -> None:
     assert content_ok("ocrvqa", "a poetry book", "poetry", {})
 
 
+@pytest.mark.parametrize(
+    "pred, ref, intended, reference",
+    [
+        ("unanswerable", "unanswerable", 0, 1),  # lower case is not caught: lower() == lower()
+        ("Unanswerable", "Unanswerable", 0, 0),  # "Unanswerable" is wrong whatever the answer
+        ("Unanswerable poetry", "unanswerable poetry", 0, 0),  # anywhere in the answer
+        ("Straße", "STRASSE", 1, 0),  # lower(), not casefold
+        ("poetry ", "poetry", 1, 0),  # nothing stripped
+        ("Poetry", " poetry", 1, 0),
+    ],
+)
+def test_ocrvqa_reference(pred: str, ref: str, intended: float, reference: float) -> None:
+    assert both("ocrvqa", pred, ref, {}) == (intended, reference)
+
+
 THIN = {"box": [0.1, 0.4, 0.5, 0.49]}  # a flat box: y2's last digit matters
 
 
@@ -152,11 +216,28 @@ THIN = {"box": [0.1, 0.4, 0.5, 0.49]}  # a flat box: y2's last digit matters
         ("[0.10, 0.39, 0.50, 0.501]", 1, 1),  # y2 = 0.50 for the reference: still IoU > 0.5
         ("The box is [0.10, 0.40, 0.50, 0.49].", 0, 0),  # a sentence is not a box
         ("[0.50, 0.49, 0.10, 0.40]", 0, 0),  # inverted
+        ("(0.10, 0.40, 0.50, 0.49)", 0, 1),  # the reference cuts any first and last character
+        ("x0.10, 0.40, 0.50, 0.49y", 0, 1),
+        ("[0.10, 0.40, 0.50]", 0, 0),  # not four numbers
+        ("[0.10, 0.40, 0.50, 0.49, 0.60]", 0, 0),
         ("red ball", 0, 0),
     ],
 )
 def test_grounding(pred: str, intended: float, reference: float) -> None:
     assert both("grounding", pred, "[0.10, 0.40, 0.50, 0.49]", THIN) == (intended, reference)
+
+
+def test_grounding_reference_scales_by_the_longer_side() -> None:
+    """eval_grounding.py:79-81 multiplies both boxes by max(size) before the IoU: the IoU is the
+    same, its rounding is not. Here it is 0.5000000000000001 as written and 0.49999999999999994
+    at 480, so the image size decides the answer."""
+    truth = {"box": [0.19, 0.21, 0.82, 0.53]}
+    pred = "[0.43, 0.21, 0.79, 0.490]"  # the reference reads y2 as 0.49
+    assert iou([0.43, 0.21, 0.79, 0.49], truth["box"]) > IOU_THRESHOLD
+    assert both("grounding", pred, "", truth) == (1.0, 1.0)  # no image size: the boxes as written
+    assert both("grounding", pred, "", {**truth, "image_size": [480, 360]}) == (1.0, 0.0)
+    assert both("grounding", pred, "", {**truth, "image_size": [360, 480]}) == (1.0, 0.0)
+    assert both("grounding", pred, "", {**truth, "image_size": [640, 480]}) == (1.0, 1.0)
 
 
 def test_grounding_iou_threshold_and_content() -> None:

@@ -21,9 +21,10 @@ def gqa(prediction: str, reference: str, meta: Mapping[str, Any]) -> float:
 
 
 def gqa_reference(prediction: str, reference: str, meta: Mapping[str, Any]) -> float:
-    text = prediction.rstrip(".").lower()
-    text = text[1:] if text[:1] == " " else text
-    return float(text == reference)
+    """The reference's GQA rule: the converted prediction equal to the questions file's answer."""
+    # jinpeng0528/SEFE scripts/convert_gqa_for_eval.py:14: trailing periods cut, lower-cased,
+    # nothing stripped; llava/eval/CoIN/eval_gqa.py:289-293: equal to the answer as written
+    return float(prediction.rstrip(".").lower() == reference)
 
 
 # --------------------------------------------------------------------------------------------

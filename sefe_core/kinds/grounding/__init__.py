@@ -44,13 +44,20 @@ def grounding(prediction: str, reference: str, meta: Mapping[str, Any]) -> float
 
 
 def _iou_reference(a: list[float], b: list[float]) -> float:
+    """IoU as the reference computes it, term by term in its order (the rounding decides answers
+    at IoU 0.5): no check for empty or inverted boxes, 0 where the union is not positive."""
+    # jinpeng0528/SEFE llava/eval/CoIN/eval_grounding.py:46-52
     inter = max(0.0, min(a[2], b[2]) - max(a[0], b[0])) * max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
     union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
     return inter / union if union > 0 else 0.0
 
 
 def grounding_reference(prediction: str, reference: str, meta: Mapping[str, Any]) -> float:
-    """The reference parse: brackets removed, then the first and last characters cut off."""
+    """eval_grounding.py's rule for one answer: brackets removed, then the first and last
+    characters cut off, and the boxes scaled by the image's longer side before the IoU."""
+    # jinpeng0528/SEFE llava/eval/CoIN/eval_grounding.py:70-77: brackets removed, the first and
+    # last characters cut, the rest split at commas and read by float(); a text that does not
+    # read, or not as four numbers, is skipped (wrong, still counted)
     text = prediction.replace("[", "").replace("]", "")
     try:
         box = [float(x) for x in text[1:-1].split(",")]
@@ -58,7 +65,17 @@ def grounding_reference(prediction: str, reference: str, meta: Mapping[str, Any]
         return 0.0
     if len(box) != 4:
         return 0.0
-    return float(_iou_reference(box, _truth_box(reference, meta)) > IOU_THRESHOLD)
+    # :65-67: the truth is the record's answer_bbox read in full (meta's box is that reading,
+    # sefe_core/coin.py coin_box)
+    truth = _truth_box(reference, meta)
+    # :79-81: both boxes times max(size). The IoU does not depend on the scale, its rounding does.
+    # Without an image size (the reference would fail on its `size`) the boxes stay as written.
+    size = meta.get("image_size")
+    if size:
+        side = max(size)
+        box, truth = [v * side for v in box], [v * side for v in truth]
+    # :83-84: right when the IoU exceeds 0.5
+    return float(_iou_reference(box, truth) > IOU_THRESHOLD)
 
 
 def grounding_content(prediction: str, reference: str, meta: Mapping[str, Any]) -> bool:

@@ -29,6 +29,9 @@ def imagenet(prediction: str, reference: str, meta: Mapping[str, Any]) -> float:
 
 
 def imagenet_reference(prediction: str, reference: str, meta: Mapping[str, Any]) -> float:
+    """eval_imagenet.py's rule: either text inside the other, raw and case-sensitive."""
+    # jinpeng0528/SEFE llava/eval/CoIN/eval_imagenet.py:25-28 (the test file's `answer` against
+    # the text; an empty text is inside any answer)
     return float(reference in prediction or prediction in reference)
 
 

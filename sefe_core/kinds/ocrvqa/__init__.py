@@ -34,8 +34,13 @@ def ocrvqa(prediction: str, reference: str, meta: Mapping[str, Any]) -> float:
 
 
 def ocrvqa_reference(prediction: str, reference: str, meta: Mapping[str, Any]) -> float:
+    """eval_ocrvqa.py's rule: "Unanswerable" anywhere (that case only) is wrong, else lower-cased
+    equality with the test file's answer, nothing stripped."""
+    # jinpeng0528/SEFE llava/eval/CoIN/eval_ocrvqa.py:26-27: skipped (wrong) when the text holds
+    # "Unanswerable", whatever the answer
     if "Unanswerable" in prediction:
         return 0.0
+    # :28-29: lower() on both sides (not casefold: "ß" is not "ss")
     return float(prediction.lower() == reference.lower())
 
 

@@ -18,6 +18,8 @@ from sefe_core.styles import MCQ_SUFFIX
 # --------------------------------------------------------------------------------------------
 _LETTER_SET = frozenset(LETTERS)
 _SQA_SENTENCE = re.compile(r"The answer is ([A-E])(?=\.|\s*$)")
+# jinpeng0528/SEFE llava/eval/CoIN/eval_science_qa.py:71: any capital, then any character but a
+# newline (the "." is not escaped)
 _SQA_SENTENCE_REFERENCE = re.compile(r"The answer is ([A-Z]).")
 
 
@@ -44,17 +46,24 @@ def scienceqa_letter(prediction: str) -> str | None:
 
 
 def _scienceqa_letter_reference(prediction: str) -> str | None:
+    """The letter eval_science_qa.py parses from the text as it is (nothing stripped), or None
+    (its "FAILED")."""
     t = prediction
-    if t in _LETTER_SET:  # no strip: " B" fails
+    # jinpeng0528/SEFE llava/eval/CoIN/eval_science_qa.py:66-67: one of A-E alone (" B" fails)
+    if t in _LETTER_SET:
         return t
+    # :68-69: A-E, then a period and a space ("B." alone fails)
     if len(t) >= 3 and t[0] in _LETTER_SET and t[1:3] == ". ":
         return t[0]
+    # :70-76: exactly one match of the sentence; its letter may be any capital
     found = _SQA_SENTENCE_REFERENCE.findall(t)
     return found[0] if len(found) == 1 else None
 
 
 def _letter_score(letter: str | None, reference: str, meta: Mapping[str, Any]) -> float:
     idx, n = _sqa_truth(reference, meta)
+    # jinpeng0528/SEFE llava/eval/CoIN/eval_science_qa.py:29-36, 78, 92: a letter counts only among
+    # the first len(choices) options (else -1), and is right when its index is the answer's
     if letter is None or letter not in LETTERS[:n]:
         return 0.0
     return float(LETTERS.index(letter) == idx)

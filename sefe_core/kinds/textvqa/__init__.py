@@ -10,7 +10,7 @@ from PIL import Image, ImageDraw
 
 from sefe_core.kinds import CoinAdapter, TaskKind, register
 from sefe_core.scenes import BACKGROUND, COLORS, SIGN_WORDS, Sample, draw_sign, picture_size
-from sefe_core.scorers import contains_answer, normalize_answer, vqa_soft_accuracy
+from sefe_core.scorers import EVALAI_PERIOD_LIMIT, contains_answer, normalize_answer, vqa_soft_accuracy
 from sefe_core.styles import SHORT_SUFFIX
 
 
@@ -28,6 +28,16 @@ def _textvqa_answers(reference: str, meta: Mapping[str, Any]) -> list[str]:
 
 def textvqa(prediction: str, reference: str, meta: Mapping[str, Any]) -> float:
     return vqa_soft_accuracy(prediction, _textvqa_answers(reference, meta))
+
+
+def textvqa_reference(prediction: str, reference: str, meta: Mapping[str, Any]) -> float:
+    """m4c's TextVQA accuracy for one answer: as the intended rule, but the EvalAI normalisation
+    of the answer and of every annotator's stops after 32 periods."""
+    # jinpeng0528/SEFE llava/eval/CoIN/eval_textvqa.py:41-49: the text against the val file's
+    # `answers`; llava/eval/m4c_evaluator.py:247-253: the answer's soft score, 0 when no annotator
+    # gave it. :229 asserts ten answers; with fewer or more we score the ones there are.
+    answers = _textvqa_answers(reference, meta)
+    return vqa_soft_accuracy(prediction, answers, period_limit=EVALAI_PERIOD_LIMIT)
 
 
 def textvqa_content(prediction: str, reference: str, meta: Mapping[str, Any]) -> bool:
@@ -121,7 +131,7 @@ KIND = register(
         native_style="short",
         max_new_tokens=6,
         score=textvqa,
-        score_reference=textvqa,
+        score_reference=textvqa_reference,
         content=textvqa_content,
         generate=generate,
         facts=facts,
