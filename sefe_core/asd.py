@@ -23,6 +23,21 @@ box then explain where the region is. A box is not a word or phrase, so its shor
 inverse question on the same box-expression link: "Which object is inside the region <box>?" ->
 the referring expression. Questions whose answer is yes/no (VQAv2, OCR-VQA) become yes_no rows
 as they are, and two-option (yes/no) mcq rows: a third or fourth option would be nonsense.
+
+`asd.recipe` picks the table: `full` (above, the default) or `reference`, the styles the reference
+implementation (jinpeng0528/SEFE, `CoIN-ASD/prompts/<Task>/<style>.txt`) has prompts for, minus
+the native style:
+
+| task                                        | `reference` converts into  |
+| ------------------------------------------- | -------------------------- |
+| ScienceQA, ImageNet, Grounding              | brief, detail              |
+| TextVQA, GQA, VizWiz, VQAv2, OCRVQA         | yes_no, mcq, brief, detail |
+
+`asd.mode` says what a converted row does to its source: `add` (the default: every original record
+stays, the ASD rows come after them) or `replace` (the ASD row takes its source's place, so the
+task keeps its size; a rejected row keeps its source). The reference's released files
+(`train_x{10,20,40,60,80}.json`, "annotations ... modified by our ASD") suggest replace but do not
+say it; README.md has the evidence.
 """
 
 from __future__ import annotations
@@ -50,7 +65,7 @@ from data_contracts import (
 )
 from sefe_core.failpoints import failpoint
 from sefe_core.hashing import config_hash, stable_seed
-from sefe_core.registry import benchmark_tasks, task_spec
+from sefe_core.registry import TaskSpec, benchmark_tasks, task_spec
 from sefe_core.rewriter import (
     Material,
     Rejection,
@@ -80,13 +95,42 @@ REJECT_STEP = "asd"
 _OPTION_LINE = re.compile(r"^[A-E]\. ")
 
 
-def target_styles(native_style: str) -> tuple[str, ...]:
-    """The ASD styles a task with `native_style` is converted into (the module docstring's table)."""
-    return tuple(s for s in ASD_STYLES if s != native_style)
+# The styles the reference has ASD prompts for, per CoIN task (its prompt folder's name; `yn` is
+# our yes_no): CoIN-ASD/prompts/<Task>/{yn,mcq,brief,detail}.txt in jinpeng0528/SEFE.
+REFERENCE_STYLES: dict[str, tuple[str, ...]] = {
+    "ScienceQA": ("brief", "detail"),  # brief/detail_w_image.txt and _wo_image.txt
+    "TextVQA": ("yes_no", "mcq", "brief", "detail"),
+    "ImageNet": ("brief", "detail"),
+    "GQA": ("yes_no", "mcq", "brief", "detail"),
+    "VizWiz": ("yes_no", "mcq", "brief", "detail"),
+    "Grounding": ("brief", "detail"),
+    "VQAv2": ("yes_no", "mcq", "brief", "detail"),
+    "OCRVQA": ("yes_no", "mcq", "brief", "detail"),
+}
+RECIPES = ("full", "reference")
 
 
-def style_table(benchmark: str = "minicoin") -> dict[str, tuple[str, ...]]:
-    return {t.name: target_styles(t.native_style) for t in benchmark_tasks(benchmark)}
+def target_styles(native_style: str, recipe: str = "full", coin_name: str | None = None) -> tuple[str, ...]:
+    """The ASD styles a task with `native_style` is converted into (the module docstring's tables);
+    the `reference` recipe needs the task's CoIN name (`TaskSpec.coin_name`)."""
+    if recipe == "full":
+        return tuple(s for s in ASD_STYLES if s != native_style)
+    if recipe != "reference":
+        raise ValueError(f"unknown asd.recipe {recipe!r}; known: {', '.join(RECIPES)}")
+    if coin_name not in REFERENCE_STYLES:
+        raise ValueError(
+            f"asd.recipe=reference: the reference has no ASD prompts for task {coin_name!r} "
+            f"(it has them for {', '.join(REFERENCE_STYLES)}); use asd.recipe=full"
+        )
+    return tuple(s for s in REFERENCE_STYLES[coin_name] if s != native_style)
+
+
+def task_styles(spec: TaskSpec, recipe: str = "full") -> tuple[str, ...]:
+    return target_styles(spec.native_style, recipe, spec.coin_name)
+
+
+def style_table(benchmark: str = "minicoin", recipe: str = "full") -> dict[str, tuple[str, ...]]:
+    return {t.name: task_styles(t, recipe) for t in benchmark_tasks(benchmark)}
 
 
 class ASDConfig(BaseModel):
@@ -96,6 +140,17 @@ class ASDConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     percent: float = Field(20.0, gt=0, le=100, description="share of each task's train records converted")
     seed: int = 0
+    recipe: Literal["full", "reference"] = Field(
+        "full",
+        description="which styles each task is converted into: 'full' (every style it does not use) "
+        "or 'reference' (the styles the reference implementation has prompts for: ScienceQA, "
+        "ImageNet and Grounding only brief/detail)",
+    )
+    mode: Literal["add", "replace"] = Field(
+        "add",
+        description="'add': the ASD rows come on top of every original record; 'replace': an ASD row "
+        "takes its source record's place (the task keeps its size)",
+    )
     backend: Literal["rules", "openai"] = "rules"
     shard_size: int = Field(64, ge=1, description="converted rows per shard (a resume unit)")
     retry_rejects: Literal["none", "retryable", "all"] = Field(
@@ -122,10 +177,14 @@ class ASDConfig(BaseModel):
 # Selection
 # --------------------------------------------------------------------------------------------
 def select(
-    records: Sequence[InstructionRecord], percent: float, seed: int, native_style: str
+    records: Sequence[InstructionRecord],
+    percent: float,
+    seed: int,
+    native_style: str,
+    styles: Sequence[str] | None = None,
 ) -> list[tuple[InstructionRecord, str]]:
-    """`percent`% of the train records (stable seed), each given one target style in equal shares
-    (counts differ by at most one), returned in the records' own order."""
+    """`percent`% of the train records (stable seed), each given one of `styles` (default: the
+    `full` recipe's) in equal shares (counts differ by at most one), in the records' own order."""
     train = [r for r in records if r.split == "train" and r.origin == "original"]
     if not train:
         return []
@@ -133,7 +192,7 @@ def select(
     rng = np.random.default_rng(stable_seed("asd-select", seed, task))
     n = int(len(train) * percent / 100 + 0.5)
     chosen = rng.permutation(len(train))[:n]
-    styles = target_styles(native_style)
+    styles = tuple(styles) if styles is not None else target_styles(native_style)
     rotation = [styles[int(i)] for i in rng.permutation(len(styles))]  # who gets the remainder
     picks = {int(idx): rotation[j % len(styles)] for j, idx in enumerate(chosen)}
     return [(train[i], picks[i]) for i in sorted(picks)]
@@ -304,10 +363,11 @@ class ASDResult:
 
 def plan_shards(requests: Sequence[RewriteRequest], size: int) -> list[list[int]]:
     """Request indices per shard: all rows of one image stay in one shard (one request each),
-    images in order of first appearance, a shard closes once it holds `size` rows."""
-    by_image: dict[str, list[int]] = {}
+    images in order of first appearance, a shard closes once it holds `size` rows. A row without
+    an image (a text-only question) is a group of its own."""
+    by_image: dict[str | int, list[int]] = {}
     for i, r in enumerate(requests):
-        by_image.setdefault(r.record.image, []).append(i)
+        by_image.setdefault(r.record.image if r.record.image is not None else i, []).append(i)
     shards: list[list[int]] = []
     cur: list[int] = []
     for idxs in by_image.values():
@@ -318,6 +378,21 @@ def plan_shards(requests: Sequence[RewriteRequest], size: int) -> list[list[int]
     if cur:
         shards.append(cur)
     return shards
+
+
+def assemble_task(
+    records: Sequence[InstructionRecord], rows: Sequence[InstructionRecord], mode: str
+) -> list[InstructionRecord]:
+    """A task's ASD file: `add` = every original record, then the ASD rows; `replace` = the
+    original records with each converted one replaced, in its place, by its ASD row."""
+    if mode == "add":
+        return [*records, *rows]
+    if mode != "replace":
+        raise ValueError(f"unknown asd.mode {mode!r}; known: add, replace")
+    by_source = {r.source_id: r for r in rows}
+    if len(by_source) != len(rows):
+        raise RuntimeError("ASD rows with the same source record: asd.mode=replace needs one per source")
+    return [by_source.get(r.id, r) for r in records]
 
 
 def _summary(
@@ -362,17 +437,19 @@ def run_asd(
     wrong = sorted({r.style for r in records} - {spec.native_style})
     if wrong:
         raise ValueError(f"{task_parquet}: task {task} is {spec.native_style}-native, found styles {wrong}")
+    styles = task_styles(spec, cfg.recipe)
     rewriter = rewriter or make_rewriter(cfg.backend, cfg.seed, cfg.server)
-    key = config_hash(
-        {
-            "version": ASD_VERSION,
-            "input": sha256_file(task_parquet),
-            "percent": cfg.percent,
-            "seed": cfg.seed,
-            "shard_size": cfg.shard_size,
-            "rewriter": rewriter.fingerprint(),
-        }
-    )
+    what = {
+        "version": ASD_VERSION,
+        "input": sha256_file(task_parquet),
+        "percent": cfg.percent,
+        "seed": cfg.seed,
+        "shard_size": cfg.shard_size,
+        "rewriter": rewriter.fingerprint(),
+    }
+    if cfg.recipe != "full":  # the default recipe keeps the keys (and shards) of runs before it existed
+        what["recipe"] = cfg.recipe
+    key = config_hash(what)  # asd.mode is not in it: the shards are the same, only assembly differs
     data_path = out_dir / f"{task}.parquet"
     rejects_path = out_dir / f"{task}.rejects.parquet"
     manifest_path = out_dir / f"{task}.asd.json"
@@ -385,9 +462,12 @@ def run_asd(
     if done is not None:
         return ASDResult(task=task, **done, **paths, seconds=time.perf_counter() - t0, reused=True, key=key)
 
-    picks = select(records, cfg.percent, cfg.seed, spec.native_style)
+    picks = select(records, cfg.percent, cfg.seed, spec.native_style, styles)
     requests = [build_request(r, s, spec.scorer, spec.native_style) for r, s in picks]
-    styles = {req.id: req.style for req in requests}
+    check = getattr(rewriter, "check", None)
+    if check is not None:  # a missing prompt fails here, before any request is sent
+        check(requests)
+    style_of = {req.id: req.style for req in requests}
     shards = plan_shards(requests, cfg.shard_size)
     rows: list[InstructionRecord] = []
     rejects: list[RejectRecord] = []
@@ -432,7 +512,7 @@ def run_asd(
             f"ASD of {task}: selected {len(requests)} != converted {len(rows)} + rejected {len(rejects)}"
         )
     rej_info = REJECTS.write(rejects, rejects_path)
-    per_style, reasons = _summary(rows, rejects, styles)
+    per_style, reasons = _summary(rows, rejects, style_of)
     retryable = sum(cfg.retries(r) for r in rejects)
     if requests and len(rejects) > cfg.max_reject_fraction * len(requests):
         raise _too_many_rejects(task, len(requests), rejects, retryable, reasons, rejects_path, cfg)
@@ -441,12 +521,13 @@ def run_asd(
             "ASD %s: %d of %d selected rows rejected (%d sent again on a rerun), kept in %s; most common: %s",
             task, len(rejects), len(requests), retryable, rejects_path, next(iter(reasons)),
         )  # fmt: skip
-    data_info = INSTRUCTIONS.write([*records, *rows], data_path)
+    data_info = INSTRUCTIONS.write(assemble_task(records, rows, cfg.mode), data_path)
     counts = dict(selected=len(requests), converted=len(rows), rejected=len(rejects))
     write_json(
         manifest_path,
         {
             "key": key,
+            "mode": cfg.mode,
             "task": task,
             "backend": rewriter.name,
             **counts,
@@ -514,7 +595,7 @@ def _finished(manifest_path: Path, key: str, cfg: ASDConfig) -> dict | None:
     if not manifest_path.exists():
         return None
     m = json.loads(manifest_path.read_text())
-    if m.get("key") != key:
+    if m.get("key") != key or m.get("mode", "add") != cfg.mode:  # another mode: reassembled from the shards
         return None
     if (cfg.retry_rejects == "all" and m["rejected"]) or (
         cfg.retry_rejects == "retryable" and m["retryable"]

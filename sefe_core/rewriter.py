@@ -9,6 +9,8 @@ Two backends share one interface (`Rewriter.rewrite`), one module each:
   questions of one image go in one request, the image as a data URI, JSON requested through
   `response_format` json_schema; requests run concurrently, are retried with exponential backoff
   on connection errors / 5xx / 429, and a server that stays down ends in `RewriterUnavailable`.
+  Its prompts are ours (one per task kind) or, with `prompt_dir` at the reference's prompt
+  folder, the reference's (one per task and style, each with its own reply shape).
 
 Whatever a backend returns is checked by `validate_material` before ASD uses it: a model's answer
 is data only once its shape, count, bounds and distinctness have been verified.
@@ -176,7 +178,12 @@ class ServerConfig(BaseModel):
     temperature: float = Field(0.0, ge=0)
     json_schema: bool = Field(True, description="request JSON through response_format json_schema")
     group_by_image: bool = Field(True, description="all questions of one image in one request")
-    prompt_dir: str | None = Field(None, description="directory overriding the shipped prompt files")
+    prompt_dir: str | None = Field(
+        None,
+        description="directory overriding the shipped prompts: <kind>.txt files and output_format.txt "
+        "(our layout), or the reference's prompt folder as it is in its repository "
+        "(CoIN-ASD/prompts/<Task>/<style>.txt, or a checkout holding it)",
+    )
 
 
 def make_rewriter(backend: str, seed: int, server: ServerConfig) -> Rewriter:

@@ -1,6 +1,7 @@
 """A rewriter server for tests of the `openai` backend's failure handling: a real HTTP server on
 127.0.0.1 (real sockets, so a reply can drip or be huge) that answers every chat request
-correctly, or in one chosen broken way.
+correctly (made from our prompts or from prompts in the reference's layout), or in one chosen
+broken way.
 
     with FakeRewriter() as fake:          # fake.url: the base_url to configure
         fake.mode = "html"                # every later request gets an HTML page
@@ -22,8 +23,11 @@ MODES = ("good", "html", "not-json", "null-content", "http-400", "wrong-count", 
 
 def good_reply(body: dict[str, Any]) -> dict[str, Any]:
     """A correct chat completion for a request of the openai backend: for every numbered
-    question, as many distinct wrong answers as it asks for and an explanation when asked."""
-    text = body["messages"][1]["content"][1]["text"]
+    question, as many distinct wrong answers as it asks for and an explanation when asked.
+    A request made from a prompt in the reference's layout gets `reference_reply`."""
+    text = body["messages"][-1]["content"][-1]["text"]
+    if "Wrong answers to write:" not in text:
+        return reference_reply(body)
     items = re.findall(
         r"(\d+)\. Question: .*\n   Correct answer: (.*)\n   Wrong answers to write: (\d)\n"
         r"   Explanation to write: (.*)",
@@ -38,6 +42,39 @@ def good_reply(body: dict[str, Any]) -> dict[str, Any]:
         for k, correct, n, want in items
     ]
     return _completion(json.dumps({"answers": answers}))
+
+
+def reference_reply(body: dict[str, Any]) -> dict[str, Any]:
+    """A correct reply to a reference-layout prompt, shaped like a schema-guided server would:
+    every field of the request's json_schema filled (the *_index fields numbered 1..n), the
+    distractors taken from WRONG minus any word of the prompt, explanations of the first "N words"
+    the prompt asks for (20 if it names none)."""
+    text = body["messages"][-1]["content"][-1]["text"]
+    schema = body["response_format"]["json_schema"]["schema"]
+    asked = re.search(r"(\d+) words", text)
+    n_words = int(asked.group(1)) if asked else 20
+    wrong = [w for w in WRONG if not re.search(rf"\b{w}\b", text, re.IGNORECASE)]
+
+    def entry(props: dict[str, Any], number: int) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for key in props:
+            if key.endswith("_index"):
+                out[key] = number
+            elif key == "distractor_options":
+                out[key] = wrong[:3]
+            elif key == "distractor_option":
+                out[key] = wrong[0]
+            elif key in ("explanation", "description"):
+                out[key] = _words(n_words)
+            else:  # the echoed question / answer / category
+                out[key] = "as given"
+        return out
+
+    if schema["type"] == "array":
+        reply: Any = [entry(schema["items"]["properties"], k) for k in range(1, schema["minItems"] + 1)]
+    else:
+        reply = entry(schema["properties"], 1)
+    return _completion("```json\n" + json.dumps(reply, indent=2) + "\n```")
 
 
 def _words(n: int) -> str:
@@ -57,6 +94,7 @@ class FakeRewriter:
     def __init__(self) -> None:
         self.mode = "good"
         self.requests = 0
+        self.bodies: list[dict[str, Any]] = []  # every request body, in arrival order
         self.sent_bytes = 0
         fake = self
 
@@ -69,6 +107,7 @@ class FakeRewriter:
             def do_POST(self) -> None:  # noqa: N802 - http.server's name
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 fake.requests += 1
+                fake.bodies.append(body)
                 fake.answer(self, body)
 
         self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
