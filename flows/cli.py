@@ -474,7 +474,7 @@ def asd(config: Path | None = ConfigOpt, set_: list[str] = SetOpt, task: list[st
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from sefe_core.asd import TooManyRejects, run_asd, target_styles
+    from sefe_core.asd import TooManyRejects, run_asd, task_styles
     from sefe_core.prepare import ensure_benchmark
     from sefe_core.registry import task_spec
     from sefe_core.rewriter import RewriterError
@@ -516,7 +516,7 @@ def asd(config: Path | None = ConfigOpt, set_: list[str] = SetOpt, task: list[st
         raise typer.Exit(1) from None
     t = Table("task", "converted into", "selected", "converted", "rejected", "shards (reused)", "s")
     for r in results:
-        styles = ", ".join(target_styles(task_spec(cfg.benchmark.name, r.task).native_style))
+        styles = ", ".join(task_styles(task_spec(cfg.benchmark.name, r.task), a.recipe))
         shards = "finished earlier" if r.reused else f"{r.shards} ({r.shards_reused})"
         t.add_row(
             r.task, styles, str(r.selected), str(r.converted), str(r.rejected), shards, f"{r.seconds:.1f}"

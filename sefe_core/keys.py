@@ -99,10 +99,14 @@ def after_task_key(train: TrainConfig, method: str, adapter_sha256: str) -> dict
 def eval_key(
     cfg: RunConfig, method: str, base: list[str], adapters: Sequence[str], tests: Sequence[str]
 ) -> dict[str, Any]:
+    # the settings as they resolve: "auto" and an explicit float32 on a CPU, or a budget left to
+    # its default and the same number written out, are the same evaluation
+    settings = cfg.model_dump(mode="json", exclude={"eval": {"max_new_tokens", "dtype"}})["eval"]
     return {
         "method": method,
-        "eval": cfg.model_dump(mode="json")["eval"],
-        "dtype": cfg.eval.torch_dtype(cfg.train.bf16),  # what "auto" means here (train.bf16 on CUDA)
+        "eval": settings,
+        "max_new_tokens": cfg.eval.budgets(cfg.benchmark.name, cfg.benchmark.task_names),
+        "dtype": cfg.eval.torch_dtype(cfg.train.bf16),
         "base": base,
         "adapters": list(adapters),
         "tests": list(tests),
