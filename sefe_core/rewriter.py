@@ -8,7 +8,8 @@ Two backends share one interface (`Rewriter.rewrite`), one module each:
 - `openai` (`rewriter_served.py`): any OpenAI-compatible chat server (`vllm serve ...`, `transformers serve ...`). All
   questions of one image go in one request, the image as a data URI, JSON requested through
   `response_format` json_schema; requests run concurrently, are retried with exponential backoff
-  on connection errors / 5xx / 429, and a server that stays down ends in `RewriterUnavailable`.
+  on connection errors / 5xx / 429, and a server that stays down ends in `RewriterUnavailable`
+  (one that refuses every time, in `RewriterRefused`).
   Its prompts are ours (one per task kind) or, with `prompt_dir` at the reference's prompt
   folder, the reference's (one per task and style, each with its own reply shape).
 
@@ -108,6 +109,12 @@ class RewriterError(RuntimeError):
 
 class RewriterUnavailable(RewriterError):
     """The server did not answer within the retry budget."""
+
+
+class RewriterRefused(RewriterError):
+    """The server is up but refuses the requests the same way every time (a schema it cannot
+    follow, an unknown model, prompts over its context, a crash on every request): retrying
+    will not help, the configuration must change. The message carries the server's own."""
 
 
 # --------------------------------------------------------------------------------------------

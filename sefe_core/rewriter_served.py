@@ -2,7 +2,8 @@
 OpenAI-compatible chat server). All questions of one image go in one request, the image as a data
 URI, JSON requested through `response_format` json_schema; requests run concurrently and are
 retried with exponential backoff on connection errors / 5xx / 429; a server that stays down ends
-in `RewriterUnavailable`. Its prompts are the task kinds' `prompt.txt` files, or the `<kind>.txt`
+in `RewriterUnavailable`, one that refuses the same way every time in `RewriterRefused` with its
+own message. Its prompts are the task kinds' `prompt.txt` files, or the `<kind>.txt`
 files of `asd.server.prompt_dir`, or, with `prompt_dir` at the reference implementation's prompt
 folder (jinpeng0528/SEFE `CoIN-ASD/prompts/<Task>/<style>.txt`, used where it lies, not copied),
 the reference's: one prompt per task and style, each asking for its own JSON shape, mapped here
@@ -35,6 +36,7 @@ from sefe_core.rewriter import (
     Rejection,
     RewriteRequest,
     RewriterError,
+    RewriterRefused,
     RewriterUnavailable,
     ServerConfig,
 )
@@ -101,13 +103,23 @@ def question_list(requests: Sequence[RewriteRequest]) -> str:
     return "\n".join(lines)
 
 
-def response_schema(n: int) -> dict[str, Any]:
-    """JSON schema of one reply: exactly `n` numbered answers."""
+def response_schema(group: Sequence[RewriteRequest]) -> dict[str, Any]:
+    """JSON schema of one reply: exactly one numbered answer per request, numbered 1..n, with as
+    many wrong answers as the group's questions ask for (a grammar-constrained server cannot then
+    write `"number": 74` or an endless list; string lengths are left to validation, which states
+    them in its reject reasons)."""
+    n = len(group)
+    wrong = [r.n_distractors for r in group]
     item = {
         "type": "object",
         "properties": {
-            "number": {"type": "integer"},
-            "wrong_answers": {"type": "array", "items": {"type": "string"}},
+            "number": {"type": "integer", "minimum": 1, "maximum": n},
+            "wrong_answers": {
+                "type": "array",
+                "items": {"type": "string"},
+                "minItems": min(wrong),
+                "maxItems": max(wrong),
+            },
             "explanation": {"type": "string"},
         },
         "required": ["number", "wrong_answers", "explanation"],
@@ -248,11 +260,12 @@ def reference_schema(prompt: ReferencePrompt, style: str, n: int) -> dict[str, A
     string: dict[str, Any] = {"type": "string"}
     value = {"type": "array", "items": string} if style == "mcq" else string
     props: dict[str, Any]
+    index = {"type": "integer", "minimum": 1, "maximum": n}
     if prompt.listed == "target_list":
-        props = {"target_index": {"type": "integer"}, prompt.field(style): value}
+        props = {"target_index": index, prompt.field(style): value}
     elif prompt.listed == "question_list":
         echo = "correct_answer" if style in ("yes_no", "mcq") else "answer"
-        props = {"question_index": {"type": "integer"}, "question": string, echo: string}
+        props = {"question_index": index, "question": string, echo: string}
         props[prompt.field(style)] = value
     else:
         props = {"gt_category": string} if "<gt_category>" in prompt.user else {}
@@ -335,6 +348,26 @@ def _binary_mcq(r: RewriteRequest) -> Material | None:
 # --------------------------------------------------------------------------------------------
 # The openai backend
 # --------------------------------------------------------------------------------------------
+REFUSED = "server refused the request"
+
+
+def server_message(text: str, limit: int = 300) -> str:
+    """The server's own words from an error body: OpenAI's {"error": {"message"}}, FastAPI's
+    {"detail"}, a {"message"}, else the text itself; one line, at most `limit` characters."""
+    try:
+        obj = json.loads(text)
+    except ValueError:
+        obj = None
+    if isinstance(obj, dict):
+        err = obj.get("error")
+        found = err.get("message") if isinstance(err, dict) else err
+        found = found or obj.get("detail") or obj.get("message")
+        if found:
+            text = found if isinstance(found, str) else json.dumps(found)
+    line = " ".join(text.split())
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
 _RETRY_STATUS = {429, 500, 502, 503, 504}
 _FATAL_STATUS = {401, 403, 404}
 
@@ -482,6 +515,17 @@ class OpenAIRewriter:
                 key = (r.task_key, r.record.image) if together and r.record.image else i
                 groups.setdefault(key, []).append(i)
         results = _run_coroutine(self._all([[requests[i] for i in g] for g in groups.values()], image_root))
+        refused = [
+            res[0].reason
+            for res in results
+            if isinstance(res[0], Rejection) and res[0].reason.startswith(REFUSED)
+        ]
+        if len(results) > 1 and len(refused) == len(results):  # the same refusal for everything
+            raise RewriterRefused(
+                f"rewriter server {self.server.base_url} refused all {len(results)} requests of this "
+                f"shard; the first: {refused[0].removeprefix(REFUSED + ': ')}. Nothing of the shard is "
+                "saved; fix the server or asd.server settings and run again"
+            )
         for g, res in zip(groups.values(), results, strict=True):
             for i, o in zip(g, res, strict=True):
                 out[i] = o
@@ -514,7 +558,7 @@ class OpenAIRewriter:
         else:
             prompt = load_prompt(group[0].task_key, s.prompt_dir)
             system, text = prompt.system, prompt.render(question_list(group), output_format(s.prompt_dir))
-            name, schema = "asd_answers", response_schema(len(group))
+            name, schema = "asd_answers", response_schema(group)
         content: list[dict[str, Any]] = []
         if group[0].record.image:  # a text-only question goes without an image
             url = _data_uri(image_root / group[0].record.image)
@@ -551,6 +595,7 @@ class OpenAIRewriter:
         body = self.payload(group, image_root)
         n = len(group)
         last = ""
+        answered: tuple[int, str] | None = None  # the last attempt's HTTP status and message
         for attempt in range(s.retries + 1):
             if attempt:
                 self.stats["retries"] += 1
@@ -561,30 +606,53 @@ class OpenAIRewriter:
                     status, text = await self._post(client, url, body, headers)
             except httpx.TransportError as e:  # connection refused/reset, per-read timeouts
                 last = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+                answered = None
                 continue
             except TimeoutError:
                 last = f"no complete reply within timeout_s={s.timeout_s:g} s"
+                answered = None
                 continue
             except _TooLarge as e:
                 reason = f"server reply is larger than asd.server.max_response_bytes={s.max_response_bytes}"
                 return [Rejection(reason, e.head, retryable=True)] * n
             if status in _RETRY_STATUS:
-                last = f"HTTP {status}: {text[:200]}"
+                last = f"HTTP {status}: {server_message(text)}"
+                # a 500 is the server itself failing this request; 429 and 502-504 say it is
+                # busy or not behind its proxy yet: unavailable, worth a later retry
+                answered = (status, server_message(text)) if status == 500 else None
                 continue
             if status in _FATAL_STATUS:
-                raise RewriterError(
-                    f"server {url} answered HTTP {status} ({text[:200]}); "
+                raise RewriterRefused(
+                    f"server {url} answered HTTP {status}: {server_message(text)}; "
                     "check asd.server.base_url / model / api_key_env"
                 )
-            if status != 200:  # this request is refused, the server is fine
-                return [Rejection(f"server refused the request: HTTP {status}", text, retryable=True)] * n
+            if status != 200:  # this request is refused (e.g. its prompt is over the context)
+                reason = f"{REFUSED}: HTTP {status}: {server_message(text)}"
+                return [Rejection(reason, text, retryable=True)] * n
             try:
-                content = json.loads(text)["choices"][0]["message"]["content"]
+                choice = json.loads(text)["choices"][0]
+                content = choice["message"]["content"]
             except (ValueError, KeyError, IndexError, TypeError):
                 return [Rejection("server reply is not a chat completion", text, retryable=True)] * n
             if not isinstance(content, str):
                 return [Rejection("server reply has no text content", text, retryable=True)] * n
-            return self.parse(group, content)
+            outcomes = self.parse(group, content)
+            if choice.get("finish_reason") == "length":  # say that it stopped at the limit
+                cut = (
+                    f"; the reply stopped at the token limit (finish_reason=length, max_tokens "
+                    f"{body['max_tokens']}): if it was cut mid-answer, raise "
+                    "asd.server.max_tokens_per_question or the server's context (vLLM --max-model-len)"
+                )
+                outcomes = [
+                    Rejection(o.reason + cut, o.raw_text, o.retryable) if isinstance(o, Rejection) else o
+                    for o in outcomes
+                ]
+            return outcomes
+        if answered is not None:  # the server is up and failed this request every time
+            raise RewriterRefused(
+                f"rewriter server {url} (model {s.model}) answered HTTP {answered[0]} to all "
+                f"{s.retries + 1} attempt(s): {answered[1]}"
+            )
         raise RewriterUnavailable(
             f"rewriter server {url} (model {s.model}) did not answer after {s.retries + 1} attempt(s) "
             f"with {s.timeout_s:g} s timeout: {last}"

@@ -18,7 +18,10 @@ from typing import Any
 
 WRONG = ("ring", "pole", "cross", "bar", "star")
 EXPLANATION = "The object has the outline and the flat colour of this class, unlike the other options."
-MODES = ("good", "html", "not-json", "null-content", "http-400", "wrong-count", "drip", "huge")
+MODES = (
+    "good", "html", "not-json", "null-content", "http-400", "wrong-count", "drip", "huge",
+    "http-500", "unknown-model", "cut",
+)  # fmt: skip
 
 
 def good_reply(body: dict[str, Any]) -> dict[str, Any]:
@@ -83,8 +86,10 @@ def _words(n: int) -> str:
     return " ".join(words[:n]) + "."
 
 
-def _completion(content: str | None) -> dict[str, Any]:
-    return {"choices": [{"message": {"role": "assistant", "content": content}}]}
+def _completion(content: str | None, finish_reason: str = "stop") -> dict[str, Any]:
+    return {
+        "choices": [{"message": {"role": "assistant", "content": content}, "finish_reason": finish_reason}]
+    }
 
 
 class FakeRewriter:
@@ -153,6 +158,19 @@ class FakeRewriter:
             payload = json.dumps(_completion(None))
         elif mode == "http-400":
             status, payload = 400, json.dumps({"error": {"message": "prompt is too long for this model"}})
+        elif mode == "http-500":  # what vLLM answered every structured request of a tokenizer without "{"
+            status, payload = (
+                500,
+                json.dumps({"error": {"message": "grammar rejected tokens [0]", "code": 500}}),
+            )
+        elif mode == "unknown-model":
+            status, payload = (
+                404,
+                json.dumps({"error": {"message": f"The model `{body['model']}` does not exist."}}),
+            )
+        elif mode == "cut":  # the reply stopped at max_tokens, mid-JSON
+            text = good_reply(body)["choices"][0]["message"]["content"]
+            payload = json.dumps(_completion(text[: len(text) // 2], finish_reason="length"))
         elif mode == "wrong-count":
             reply = good_reply(body)
             answers = json.loads(reply["choices"][0]["message"]["content"])["answers"]

@@ -224,6 +224,35 @@ def test_parse_reply_keeps_raw_text_and_checks_shape() -> None:
     assert isinstance(ok, Material) and "not a list" in bad.reason
 
 
+def test_reply_schema_bounds_numbers_and_list_lengths(small_run) -> None:
+    """What a grammar-constrained server may write: numbers 1..n and as many wrong answers as
+    the group asks for (an unbounded schema let `"number": 74` through for 4 questions)."""
+    import jsonschema
+
+    from sefe_core.rewriter_served import ReferencePrompt, reference_schema, response_schema
+
+    _, bench, _ = small_run
+    group = [_request(bench, "03-imagenet", "mcq", 0), _request(bench, "03-imagenet", "brief", 1)]
+    schema = response_schema(group)
+    ok = {"answers": [{"number": 1, "wrong_answers": ["a", "b", "c"], "explanation": ""},
+                      {"number": 2, "wrong_answers": [], "explanation": "why"}]}  # fmt: skip
+    jsonschema.validate(ok, schema)
+    for bad in (
+        {"answers": [{**ok["answers"][0], "number": 74}, ok["answers"][1]]},
+        {"answers": [{**ok["answers"][0], "number": 0}, ok["answers"][1]]},
+        {"answers": [{**ok["answers"][0], "wrong_answers": list("abcd")}, ok["answers"][1]]},
+        {"answers": ok["answers"][:1]},
+    ):
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate(bad, schema)
+    listed = ReferencePrompt(Path("p.txt"), "", "<question_list>", "question_list")
+    ref = reference_schema(listed, "brief", 2)
+    item = {"question_index": 3, "question": "q", "answer": "a", listed.field("brief"): "e"}
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate([item, {**item, "question_index": 1}], ref)
+    jsonschema.validate([{**item, "question_index": 1}, {**item, "question_index": 2}], ref)
+
+
 # ------------------------------------------------------------------------------------------
 # openai backend: request shape, grouping per image, retries (no network: MockTransport)
 # ------------------------------------------------------------------------------------------

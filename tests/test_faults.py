@@ -314,7 +314,7 @@ def asd_untouched(small_run, tmp_path_factory) -> str:
     return sha256_file(res.data_path)
 
 
-@pytest.mark.parametrize("mode", ["html", "not-json", "null-content", "http-400", "wrong-count"])
+@pytest.mark.parametrize("mode", ["html", "not-json", "null-content", "wrong-count", "cut"])
 def test_bad_rewriter_replies_fail_the_task_and_are_retried_on_rerun(
     small_run, asd_untouched, tmp_path, mode
 ) -> None:
@@ -333,6 +333,10 @@ def test_bad_rewriter_replies_fail_the_task_and_are_retried_on_rerun(
         assert not (tmp_path / f"{ASD_TASK}.parquet").exists()  # nothing to train "sefe" on
         rejects = REJECTS.read_records(tmp_path / f"{ASD_TASK}.rejects.parquet")
         assert rejects and all(r.retryable and r.raw_text for r in rejects), rejects[:1]
+        if mode == "cut":  # named for what happened, with what to raise
+            assert all(
+                "finish_reason=length" in r.reason and "max_tokens_per_question" in r.reason for r in rejects
+            )
         sent = fake.requests
 
         fake.mode = "good"  # the server is fixed: the rerun sends what was rejected, once
@@ -342,6 +346,63 @@ def test_bad_rewriter_replies_fail_the_task_and_are_retried_on_rerun(
         sent = fake.requests
         assert run_asd(bench.task_file(ASD_TASK), bench.image_root, tmp_path, cfg).reused
         assert fake.requests == sent  # finished: nothing sent again
+
+
+@pytest.mark.parametrize(
+    ("mode", "named"),
+    [
+        ("http-400", r"refused all 3 requests of this shard; the first: HTTP 400: prompt is too long"),
+        ("http-500", r"answered HTTP 500 to all 2 attempt\(s\): grammar rejected tokens \[0\]"),
+        ("unknown-model", r"HTTP 404: The model `fake` does not exist\.; check asd.server"),
+    ],
+)
+def test_a_server_that_refuses_every_request_is_a_named_error_with_its_message(
+    small_run, tmp_path, mode, named
+) -> None:
+    """Issue 13: the server is up but answers every request the same way: that is neither
+    "unavailable" nor a pile of rejects, and no Prefect retry is asked for."""
+    from sefe_core.asd import run_asd
+    from sefe_core.rewriter import RewriterRefused
+    from tasks.steps import _rewriter_may_recover
+    from tests.fake_rewriter import FakeRewriter
+
+    _, bench, _ = small_run
+    with FakeRewriter() as fake:
+        fake.mode = mode
+        with pytest.raises(RewriterRefused, match=named) as err:
+            run_asd(bench.task_file(ASD_TASK), bench.image_root, tmp_path, _asd_cfg(fake.url))
+        assert fake.requests <= 6  # stopped at the first shard (3 requests, 2 attempts each at most)
+
+    class Failed:
+        def result(self):
+            raise err.value
+
+    assert _rewriter_may_recover(None, None, Failed()) is False
+
+
+def test_one_refused_request_rejects_its_rows_with_the_servers_reason(small_run, tmp_path) -> None:
+    """A request over the server's context fails alone: its rows are rejected with the server's
+    words, the rest of the shard is converted."""
+    from data_contracts import REJECTS
+    from sefe_core.asd import ASDConfig, run_asd
+    from tests.fake_rewriter import FakeRewriter
+
+    _, bench, _ = small_run
+    with FakeRewriter() as fake:
+        answer, seen = fake.answer, {"n": 0}
+
+        def second_too_long(h, body) -> None:
+            seen["n"] += 1
+            fake.mode = "http-400" if seen["n"] == 2 else "good"
+            answer(h, body)
+
+        fake.answer = second_too_long
+        cfg = _asd_cfg(fake.url, concurrency=1)
+        cfg = ASDConfig(**{**cfg.model_dump(), "max_reject_fraction": 1.0})
+        res = run_asd(bench.task_file(ASD_TASK), bench.image_root, tmp_path, cfg)
+    (reject,) = REJECTS.read_records(res.rejects_path)
+    assert reject.reason == "server refused the request: HTTP 400: prompt is too long for this model"
+    assert res.rejected == 1 and res.converted == res.selected - 1
 
 
 def test_rejects_under_the_limit_are_kept_and_a_pipeline_rerun_retries_them(
