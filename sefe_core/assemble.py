@@ -39,6 +39,7 @@ from transformers import (
 )
 
 from data_contracts import atomic_path, write_json
+from sefe_core.vlm import save_vlm
 
 log = logging.getLogger(__name__)
 
@@ -418,8 +419,7 @@ def assemble_llava(
 
     with atomic_path(out) as tmp:
         tmp.mkdir()
-        model.save_pretrained(tmp)
-        processor.save_pretrained(tmp)
+        save_vlm(model, processor, tmp)
         write_json(
             tmp / ASSEMBLY_INFO,
             {

@@ -117,12 +117,13 @@ def export_merged(
     dtype: torch.dtype | None = None,
     trust_remote_code: bool = False,
 ) -> Path:
-    """Write the stage after `task_dirs` as a full checkpoint (save_pretrained), atomically."""
+    """Write the stage after `task_dirs` as a full checkpoint (`vlm.save_vlm`: a layout vLLM
+    and transformers both load), atomically."""
     from data_contracts import atomic_path
+    from sefe_core.vlm import save_vlm
 
     model, processor = stage_model(base_path, task_dirs, dtype=dtype, trust_remote_code=trust_remote_code)
     out_dir = Path(out_dir)
     with atomic_path(out_dir) as tmp:
-        model.save_pretrained(tmp)
-        processor.save_pretrained(tmp)
+        save_vlm(model, processor, tmp)
     return out_dir

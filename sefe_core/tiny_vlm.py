@@ -50,7 +50,7 @@ from sefe_core.registry import benchmark_tasks
 from sefe_core.scenes import COLORS, SHAPES, answer_vocabulary
 from sefe_core.tiny_config import BUILDER_VERSION, REBUILD_COMMAND, SHIPPED, BaseModel, TinyVLMConfig
 from sefe_core.tiny_pretrain import instruction_mix, pretrain_vision, probe
-from sefe_core.vlm import SampleDataset, VLMCollator, load_vlm
+from sefe_core.vlm import SampleDataset, VLMCollator, load_vlm, save_vlm
 
 log = logging.getLogger(__name__)
 
@@ -306,8 +306,7 @@ def build_tiny_vlm(
         probe_acc = probe(model, processor)
     finally:
         torch.set_num_threads(threads)
-    model.save_pretrained(out)
-    processor.save_pretrained(out)
+    save_vlm(model, processor, out)
     shutil.rmtree(out / "trainer", ignore_errors=True)
     write_json(
         out / "pretrain.json",

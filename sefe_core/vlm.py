@@ -7,6 +7,7 @@ take the same path for the embedded tiny model as for a real llava-hf checkpoint
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +36,50 @@ def load_vlm(
     ).to(device)
     processor = AutoProcessor.from_pretrained(str(path), trust_remote_code=trust_remote_code)
     return model, processor
+
+
+# vLLM (0.32) reads a LLaVA vision tower under `vision_tower.vision_model.*`, the llava-hf layout;
+# transformers 5.23 writes `vision_tower.*` and reads either (its conversion mapping).
+_VISION = "vision_tower."
+_VISION_MODEL = "vision_tower.vision_model."
+
+
+def save_vlm(model: LlavaForConditionalGeneration, processor: ProcessorMixin, out: str | Path) -> Path:
+    """`save_pretrained` of model and processor, with the weights in the llava-hf key layout
+    that vLLM and transformers both load: every checkpoint this project writes as a full model
+    (the tiny base, `sefe assemble`, an exported stage) goes through here."""
+    out = Path(out)
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    to_llava_hf_layout(out)
+    return out
+
+
+def to_llava_hf_layout(directory: str | Path) -> int:
+    """Rename `vision_tower.<x>` to `vision_tower.vision_model.<x>` in the directory's safetensors
+    files (and their index); returns how many keys moved. Tensors and metadata are unchanged."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    def moved(key: str) -> str:
+        keep = not key.startswith(_VISION) or key.startswith(_VISION_MODEL)
+        return key if keep else _VISION_MODEL + key[len(_VISION) :]
+
+    directory, n = Path(directory), 0
+    for path in sorted(directory.glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as f:
+            metadata, keys = f.metadata(), list(f.keys())
+        if all(moved(k) == k for k in keys):
+            continue
+        tensors = load_file(str(path))
+        n += sum(moved(k) != k for k in keys)
+        save_file({moved(k): v.contiguous() for k, v in tensors.items()}, str(path), metadata=metadata)
+    index = directory / "model.safetensors.index.json"
+    if index.exists():
+        data = json.loads(index.read_text())
+        data["weight_map"] = {moved(k): v for k, v in data["weight_map"].items()}
+        index.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    return n
 
 
 def pad_to_square(img: Image.Image, fill: Sequence[float]) -> Image.Image:

@@ -6,11 +6,12 @@ import json
 import time
 
 import torch
+from safetensors import safe_open
 
 from data_contracts import INSTRUCTIONS
 from sefe_core.prepare import ensure_base_model, ensure_benchmark
 from sefe_core.scenes import answer_vocabulary
-from sefe_core.vlm import VLMCollator, load_vlm
+from sefe_core.vlm import VLMCollator, load_vlm, save_vlm, to_llava_hf_layout
 
 
 def test_pretraining_lowers_heldout_loss(small_run) -> None:
@@ -39,13 +40,32 @@ def test_save_reload_identical_logits(small_run, tmp_path) -> None:
     model.eval()
     with torch.no_grad():
         before = model(**batch).logits
-    model.save_pretrained(tmp_path / "copy")
-    processor.save_pretrained(tmp_path / "copy")
-    again, _ = load_vlm(tmp_path / "copy")
-    again.eval()
-    with torch.no_grad():
-        after = again(**batch).logits
-    assert torch.equal(before, after)
+    # a freshly built model's save_pretrained writes transformers' own `vision_tower.*` keys (a
+    # loaded one keeps the layout it was read from); save_vlm writes llava-hf's
+    # `vision_tower.vision_model.*`, what vLLM reads; both load to the same model
+    fresh = type(model)(model.config)
+    fresh.load_state_dict(model.state_dict())
+    fresh.save_pretrained(tmp_path / "plain")
+    processor.save_pretrained(tmp_path / "plain")
+    with safe_open(str(tmp_path / "plain" / "model.safetensors"), framework="pt") as f:
+        assert any(k.startswith("vision_tower.embeddings.") for k in f.keys())
+    save_vlm(model, processor, tmp_path / "copy")
+    with safe_open(str(tmp_path / "copy" / "model.safetensors"), framework="pt") as f:
+        keys = list(f.keys())
+    vision = [k for k in keys if k.startswith("vision_tower.")]
+    assert vision and all(k.startswith("vision_tower.vision_model.") for k in vision)
+    assert to_llava_hf_layout(tmp_path / "copy") == 0  # already in that layout
+    assert to_llava_hf_layout(tmp_path / "plain") == len(vision)
+    for d in ("copy", "plain"):
+        again, _ = load_vlm(tmp_path / d)
+        again.eval()
+        with torch.no_grad():
+            after = again(**batch).logits
+        assert torch.equal(before, after), d
+    with safe_open(str(base.path / "model.safetensors"), framework="pt") as f:  # the base too
+        assert all(
+            k.startswith("vision_tower.vision_model.") for k in f.keys() if k.startswith("vision_tower.")
+        )
 
 
 def test_every_answer_is_a_known_token_sequence(small_run) -> None:
