@@ -63,16 +63,17 @@ def _interruptible(flow_call):  # noqa: ANN001, ANN202
     import threading
 
     from flows import server
-    from sefe_core import workers
+    from sefe_core import rewriter_server, workers
 
     def stop(signum: int, frame: object) -> None:
         console.print(
-            f"\n[yellow]{signal.Signals(signum).name}: stopping the run[/] (workers, Prefect server). "
+            f"\n[yellow]{signal.Signals(signum).name}: stopping the run[/] (workers, servers). "
             "Finished steps are kept: run the same command again to resume."
         )
         logging.disable(logging.CRITICAL)  # the steps the kill interrupts would log it as their failure
         workers.kill()
         server.stop()
+        rewriter_server.stop_servers()
         os._exit(128 + signum)
 
     # the pool's semaphores are the resource tracker's to remove once the workers are killed; its

@@ -55,20 +55,25 @@ def prepare_dag(cfg: RunConfig, run: Runner = run_step) -> tuple[dict[str, Any],
 
 def asd_dag(cfg: RunConfig, bench: dict[str, Any], run: Runner = run_step) -> dict[str, dict[str, Any]]:
     """ASD of every task: task -> {path, sha256, ...} of `<run_dir>/data/<task>.parquet`."""
+    from sefe_core.rewriter_server import stop_servers
+
     c = cfg.model_dump(mode="json")
     out = {}
-    for k, task in enumerate(bench["tasks"], start=1):
-        out[task] = run(
-            steps.asd,
-            cfg.run_dir,
-            k,
-            keys.asd_key(cfg, task, bench["sha256"][task]),
-            label=task,
-            cfg_json=c,
-            task=task,
-            source=str(Path(bench["dir"]) / f"{task}.parquet"),
-            image_root=str(Path(bench["dir"]) / "images"),
-        )
+    try:
+        for k, task in enumerate(bench["tasks"], start=1):
+            out[task] = run(
+                steps.asd,
+                cfg.run_dir,
+                k,
+                keys.asd_key(cfg, task, bench["sha256"][task]),
+                label=task,
+                cfg_json=c,
+                task=task,
+                source=str(Path(bench["dir"]) / f"{task}.parquet"),
+                image_root=str(Path(bench["dir"]) / "images"),
+            )
+    finally:  # a rewriter server the ASD steps started (asd.server.launch) is not needed for training
+        stop_servers()
     return out
 
 
@@ -164,6 +169,10 @@ def continual_dag(
     of task k is submitted at once (the worker pool runs as many as it has workers), then each
     method extracts its mask and submits the evaluation of its stage k. `data` (task -> {path,
     sha256}: the ASD output) feeds the methods that train on ASD data."""
+    if cfg.eval.backend == "vllm":  # before any training: a missing vLLM is found now, not after task 1
+        from sefe_core.vllm_backend import vllm_python
+
+        vllm_python(cfg.eval.vllm_python)
     runs = [MethodRun(cfg, m, bench, base, data if uses_asd(m) else None) for m in methods]
     for k, task in enumerate(bench["tasks"], start=1):
         trained = [r.train(k, task, run) for r in runs]

@@ -76,6 +76,7 @@ from sefe_core.rewriter import (
     make_rewriter,
     validate_material,
 )
+from sefe_core.rewriter_server import ensure_server
 from sefe_core.scenes import LETTERS
 from sefe_core.styles import (
     GROUNDING_PREFIX,
@@ -92,6 +93,7 @@ log = logging.getLogger(__name__)
 ASD_VERSION = 2  # 2: rejects record whether they are retryable
 ASD_STYLES = ("yes_no", "mcq", "short", "brief", "detail")
 REJECT_STEP = "asd"
+SERVER_LOG = "rewriter-server.log"  # a launched rewriter server's output, beside the ASD data
 _OPTION_LINE = re.compile(r"^[A-E]\. ")
 
 
@@ -438,6 +440,8 @@ def run_asd(
     if wrong:
         raise ValueError(f"{task_parquet}: task {task} is {spec.native_style}-native, found styles {wrong}")
     styles = task_styles(spec, cfg.recipe)
+    if rewriter is None and cfg.backend == "openai":  # asd.server.launch: start it (once per process)
+        ensure_server(cfg.server.base_url, cfg.server.model, cfg.server.launch, out_dir / SERVER_LOG)
     rewriter = rewriter or make_rewriter(cfg.backend, cfg.seed, cfg.server)
     what = {
         "version": ASD_VERSION,

@@ -56,7 +56,8 @@ def base_identity(base_path: str | Path) -> list[str]:
 
 def asd_key(cfg: RunConfig, task: str, source_sha256: str) -> dict[str, Any]:
     return {
-        "asd": cfg.model_dump(mode="json")["asd"],
+        # how the server is started does not change what it answers
+        "asd": cfg.asd.model_dump(mode="json", exclude={"server": {"launch"}}),
         "benchmark": cfg.benchmark.name,
         "task": task,
         "source": source_sha256,
@@ -100,8 +101,13 @@ def eval_key(
     cfg: RunConfig, method: str, base: list[str], adapters: Sequence[str], tests: Sequence[str]
 ) -> dict[str, Any]:
     # the settings as they resolve: "auto" and an explicit float32 on a CPU, or a budget left to
-    # its default and the same number written out, are the same evaluation
-    settings = cfg.model_dump(mode="json", exclude={"eval": {"max_new_tokens", "dtype"}})["eval"]
+    # its default and the same number written out, are the same evaluation. The vLLM settings
+    # count only with that backend (hf keys are as before it existed); where vLLM is installed
+    # never does.
+    vllm = {"backend", "vllm_python", "vllm_engine_args"}
+    settings = cfg.model_dump(mode="json", exclude={"eval": {"max_new_tokens", "dtype", *vllm}})["eval"]
+    if cfg.eval.backend == "vllm":
+        settings |= {"backend": "vllm", "vllm_engine_args": cfg.eval.vllm_engine_args}
     return {
         "method": method,
         "eval": settings,

@@ -20,10 +20,12 @@ is data only once its shape, count, bounds and distinctness have been verified.
 from __future__ import annotations
 
 import re
+import shlex
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -162,6 +164,33 @@ def validate_material(req: RewriteRequest, m: Material) -> str | None:
     return None  # an explanation nobody asked for is ignored, not a reason to drop good distractors
 
 
+class LaunchConfig(BaseModel):
+    """How to start the rewriter server when nothing answers at `base_url`."""
+
+    model_config = ConfigDict(extra="forbid")
+    command: list[str] | str = Field(
+        description="the server's command line (a list, or one string split like a shell would); "
+        "{host} and {port} are replaced by those of asd.server.base_url, e.g. "
+        "'/opt/vllm/bin/python -m vllm.entrypoints.openai.api_server --model M --port {port}'"
+    )
+    env: dict[str, str] = Field(default_factory=dict, description="added to this process's environment")
+    startup_timeout_s: float = Field(
+        900.0, gt=0, description="how long to wait for /health and /v1/models (a 26B model loads for minutes)"
+    )
+    log_file: str | None = Field(None, description="server output; default <run>/data/rewriter-server.log")
+
+    def argv(self, base_url: str) -> list[str]:
+        parts = urlsplit(base_url)
+        host, port = (
+            parts.hostname or "127.0.0.1",
+            str(parts.port or (443 if parts.scheme == "https" else 80)),
+        )
+        words = shlex.split(self.command) if isinstance(self.command, str) else list(self.command)
+        if not words:
+            raise ValueError("asd.server.launch.command is empty")
+        return [w.replace("{host}", host).replace("{port}", port) for w in words]
+
+
 class ServerConfig(BaseModel):
     """How to reach an OpenAI-compatible chat server (vLLM, transformers serve, ...)."""
 
@@ -190,6 +219,11 @@ class ServerConfig(BaseModel):
         description="directory overriding the shipped prompts: <kind>.txt files and output_format.txt "
         "(our layout), or the reference's prompt folder as it is in its repository "
         "(CoIN-ASD/prompts/<Task>/<style>.txt, or a checkout holding it)",
+    )
+    launch: LaunchConfig | None = Field(
+        None,
+        description="start the server ASD needs (and stop it after): its command; None: the user runs it "
+        "(sefe_core/rewriter_server.py)",
     )
 
 

@@ -118,10 +118,14 @@ def _rewriter_may_recover(task: object, task_run: object, state: Any) -> bool:
 def asd(
     run_dir: str, k: int, key: dict, cfg_json: dict, task: str, source: str, image_root: str
 ) -> dict[str, Any]:
-    from sefe_core.asd import run_asd
+    from sefe_core.asd import SERVER_LOG, run_asd
+    from sefe_core.rewriter_server import ensure_server
 
     cfg = _cfg(cfg_json)
     tasks = cfg.benchmark.task_names
+    s = cfg.asd.server
+    if cfg.asd.backend == "openai":  # here, so that a launched server's start-up is in the run log
+        ensure_server(s.base_url, s.model, s.launch, Path(run_dir) / "data" / SERVER_LOG, say=_log().info)
     progress = _progress("asd", f"ASD of task {k}/{len(tasks)} ({task})", k, len(tasks))
     res = run_asd(
         source, image_root, Path(run_dir) / "data", cfg.asd, benchmark=cfg.benchmark.name, progress=progress
@@ -228,6 +232,7 @@ def evaluate(
         evaluate_stage_dir, base_path, task_dirs, bench_dir, method, out, workers=cfg.worker_count,
         batch_size=cfg.eval.batch_size, max_new_tokens=cfg.eval.budgets(cfg.benchmark.name, cfg.benchmark.task_names),
         dtype=cfg.eval.torch_dtype(cfg.train.bf16), trust_remote_code=cfg.model.trust_remote_code, progress=progress,
+        backend=cfg.eval.backend, vllm_python=cfg.eval.vllm_python, vllm_engine_args=cfg.eval.vllm_engine_args,
     )  # fmt: skip
     _log().info(
         "%s stage %d: %d predictions on tasks 1..%d, mean score %.3f",

@@ -5,6 +5,11 @@ broken way.
 
     with FakeRewriter() as fake:          # fake.url: the base_url to configure
         fake.mode = "html"                # every later request gets an HTML page
+
+As its own process (what `asd.server.launch` starts in tests; it answers /health and /v1/models
+as vLLM does, after `--ready-after` seconds):
+
+    python -m tests.fake_rewriter --port 8000 [--mode good] [--model fake] [--ready-after 0]
 """
 
 from __future__ import annotations
@@ -96,8 +101,10 @@ class FakeRewriter:
     """The server; `mode` may change between requests; `requests` counts what arrived and
     `sent_bytes` what the last huge reply got out before the client hung up."""
 
-    def __init__(self) -> None:
+    def __init__(self, port: int = 0, model: str = "fake", ready_after_s: float = 0.0) -> None:
         self.mode = "good"
+        self.model = model
+        self.ready_at = time.monotonic() + ready_after_s
         self.requests = 0
         self.bodies: list[dict[str, Any]] = []  # every request body, in arrival order
         self.sent_bytes = 0
@@ -109,13 +116,23 @@ class FakeRewriter:
             def log_message(self, *args: Any) -> None:
                 pass
 
+            def do_GET(self) -> None:  # noqa: N802 - http.server's name
+                ready = time.monotonic() >= fake.ready_at
+                if self.path == "/health" and ready:
+                    fake.send(self, 200, "application/json", "{}")
+                elif self.path == "/v1/models" and ready:
+                    models = {"object": "list", "data": [{"id": fake.model, "object": "model"}]}
+                    fake.send(self, 200, "application/json", json.dumps(models))
+                else:  # vLLM while it loads: no answer yet
+                    fake.send(self, 503 if not ready else 404, "text/plain", "not ready")
+
             def do_POST(self) -> None:  # noqa: N802 - http.server's name
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 fake.requests += 1
                 fake.bodies.append(body)
                 fake.answer(self, body)
 
-        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", port), Handler)
         self._server.daemon_threads = True
         self.url = f"http://127.0.0.1:{self._server.server_port}/v1"
 
@@ -177,6 +194,10 @@ class FakeRewriter:
             payload = json.dumps(_completion(json.dumps({"answers": answers + answers[:1]})))
         else:
             raise ValueError(f"unknown mode {mode!r}; known: {MODES}")
+        self.send(h, status, ctype, payload)
+
+    @staticmethod
+    def send(h: http.server.BaseHTTPRequestHandler, status: int, ctype: str, payload: str) -> None:
         data = payload.encode()
         h.send_response(status)
         h.send_header("Content-Type", ctype)
@@ -191,3 +212,23 @@ class FakeRewriter:
     def __exit__(self, *exc: object) -> None:
         self._server.shutdown()
         self._server.server_close()
+
+
+def main() -> None:
+    import argparse
+    import os
+
+    ap = argparse.ArgumentParser(description="the fake rewriter as a server process")
+    ap.add_argument("--port", type=int, required=True)
+    ap.add_argument("--mode", default="good", choices=MODES)
+    ap.add_argument("--model", default="fake")
+    ap.add_argument("--ready-after", type=float, default=0.0, help="seconds before /health answers")
+    a = ap.parse_args()
+    fake = FakeRewriter(a.port, a.model, a.ready_after)
+    fake.mode = a.mode
+    print(f"fake rewriter pid {os.getpid()} on port {a.port}, mode {a.mode}", flush=True)
+    fake._server.serve_forever()
+
+
+if __name__ == "__main__":
+    main()
