@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from bench.common import load_average, machine, medians, publish, utc_heading  # noqa: E402
+from bench.common import command_line, load_average, machine, medians, publish, utc_heading  # noqa: E402
 from data_contracts import INSTRUCTIONS  # noqa: E402
 from sefe_core.config import load_config  # noqa: E402
 from sefe_core.prepare import ensure_base_model, ensure_benchmark  # noqa: E402
@@ -117,12 +117,7 @@ def main() -> int:
             + ", ".join(f"{t:.2f}" for t in times[mode])
             + " |"
         )
-    cmd = "python " + " ".join(
-        [
-            str(Path(sys.argv[0]).relative_to(ROOT) if Path(sys.argv[0]).is_absolute() else sys.argv[0]),
-            *sys.argv[1:],
-        ]
-    )
+    cmd = command_line()
     entry = "\n".join(
         [
             utc_heading(),

@@ -11,6 +11,7 @@ import os
 import platform
 import statistics
 import subprocess
+import sys
 from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
@@ -51,6 +52,13 @@ def load_average() -> str:
 def medians(times: Mapping[str, Iterable[float]]) -> dict[str, float]:
     """Median per mode: robust to the odd run slowed down by other processes on a shared machine."""
     return {mode: statistics.median(ts) for mode, ts in times.items()}
+
+
+def command_line() -> str:
+    """How this benchmark was started, as a reader would retype it from the repository root."""
+    script = Path(sys.argv[0])
+    shown = script.relative_to(ROOT) if script.is_absolute() and script.is_relative_to(ROOT) else script
+    return "python " + " ".join([str(shown), *sys.argv[1:]])
 
 
 def utc_heading() -> str:

@@ -84,6 +84,22 @@ class EvalConfig(BaseModel):
         "train.bf16, else float16 as CoIN's evaluation), float32 on CPU",
     )
 
+    backend: Literal["hf", "vllm"] = Field(
+        "hf",
+        description="who answers: hf (transformers generate, in this environment) or vllm (vLLM's "
+        "offline engine on the stage as a merged checkpoint, in vLLM's own environment)",
+    )
+    vllm_python: str | None = Field(
+        None,
+        description="backend vllm: the python of vLLM's environment (default $SEFE_VLLM_PYTHON, "
+        "else .vllm-env/bin/python; .ci/vllm-cpu-env.sh builds a CPU one)",
+    )
+    vllm_engine_args: dict[str, Any] = Field(
+        default_factory=dict,
+        description="backend vllm: more vllm.LLM arguments, e.g. {tensor_parallel_size: 2, "
+        "gpu_memory_utilization: 0.8, max_model_len: 4096}",
+    )
+
     def torch_dtype(self, train_bf16: bool) -> str:
         """The dtype evaluation loads the stage in (a name: it crosses to worker processes)."""
         if self.dtype != "auto":

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
@@ -25,6 +25,8 @@ if TYPE_CHECKING:
     from transformers import LlavaForConditionalGeneration, ProcessorMixin
 
 PREDICTIONS_FILE = "predictions.parquet"
+STAGE_CHECKPOINT = "stage-checkpoint"  # eval.backend=vllm: the merged stage, while vLLM reads it
+VLLM_LOG = "vllm.log"
 DEFAULT_BATCH_SIZE = 64
 
 
@@ -83,6 +85,13 @@ def evaluate_stage(
         max_new_tokens=max_new_tokens or spec.max_new_tokens,
         batch_size=batch_size,
     )
+    return judged(recs, answers, spec, method, stage)
+
+
+def judged(
+    recs: Sequence[InstructionRecord], answers: Sequence[str], spec: TaskSpec, method: str, stage: int
+) -> list[PredictionRecord]:
+    """The prediction records of test records and their answers (from either backend)."""
     out = []
     for r, answer in zip(recs, answers, strict=True):
         j = judge(spec, answer, r.answer, r.meta_dict)
@@ -139,6 +148,42 @@ def evaluate_seen(
     return preds
 
 
+def evaluate_seen_vllm(
+    model_dir: str | Path,
+    bench: Benchmark,
+    method: str,
+    stage: int,
+    out_path: str | Path | None = None,
+    max_new_tokens: Mapping[str, int] | None = None,
+    **vllm: Any,
+) -> list[PredictionRecord]:
+    """`evaluate_seen` with vLLM answering (`vllm_backend`): the stage as a checkpoint directory,
+    every seen task's test questions in one engine run. `vllm`: `vllm_answers`' options."""
+    from sefe_core.vllm_backend import vllm_answers
+
+    if not 1 <= stage <= len(bench.tasks):
+        raise ValueError(f"stage must be in 1..{len(bench.tasks)} for this benchmark, got {stage}")
+    tests: list[tuple[TaskSpec, list[InstructionRecord]]] = []
+    for task in bench.tasks[:stage]:
+        spec = task_spec(bench.name, task)
+        tests.append((spec, select_test_records(INSTRUCTIONS.read_records(bench.task_file(task)), spec)))
+    budget = max_new_tokens or {}
+    batches = [
+        (
+            [{"image": r.image, "question": r.question} for r in recs],
+            budget.get(spec.name, spec.max_new_tokens),
+        )
+        for spec, recs in tests
+    ]
+    answers = vllm_answers(model_dir, batches, bench.image_root, **vllm)
+    preds = []
+    for (spec, recs), task_answers in zip(tests, answers, strict=True):
+        preds += judged(recs, task_answers, spec, method, stage)
+    if out_path is not None:
+        write_predictions(preds, out_path)
+    return preds
+
+
 def evaluate_stage_dir(
     base_path: str | Path,
     task_dirs: Sequence[str | Path],
@@ -151,22 +196,48 @@ def evaluate_stage_dir(
     dtype: str = "float32",
     trust_remote_code: bool = False,
     progress: Callable[[int, int], None] | None = None,
+    backend: str = "hf",
+    vllm_python: str | None = None,
+    vllm_engine_args: dict[str, Any] | None = None,
 ) -> dict[str, float | int]:
     """Stage k = len(task_dirs): rebuild it (base + adapters 1..k), answer tasks 1..k, write the
-    predictions file. Paths in, numbers out, so it can run in a worker process."""
-    from sefe_core.prepare import load_benchmark
-    from sefe_core.stage import stage_model
+    predictions file. Paths in, numbers out, so it can run in a worker process.
 
-    bench = load_benchmark(bench_dir)
+    backend "vllm": the stage is written as a merged checkpoint next to `out_path` (removed
+    afterwards; its vLLM log stays), and vLLM answers from it."""
+    import shutil
+
     import torch
 
-    model, processor = stage_model(
-        base_path, task_dirs, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code
-    )
-    preds = evaluate_seen(
-        model, processor, bench, method, len(task_dirs), out_path=out_path, batch_size=batch_size,
-        max_new_tokens=max_new_tokens, progress=progress,
-    )  # fmt: skip
+    from sefe_core.prepare import load_benchmark
+    from sefe_core.stage import export_merged, stage_model
+
+    bench = load_benchmark(bench_dir)
+    stage = len(task_dirs)
+    if backend == "vllm":
+        ckpt = Path(out_path).parent / STAGE_CHECKPOINT
+        export_merged(
+            base_path, task_dirs, ckpt, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code
+        )
+        try:
+            preds = evaluate_seen_vllm(
+                ckpt, bench, method, stage, out_path, max_new_tokens, python=vllm_python, dtype=dtype,
+                engine_args=vllm_engine_args, log_path=Path(out_path).parent / VLLM_LOG,
+            )  # fmt: skip
+        finally:
+            shutil.rmtree(ckpt, ignore_errors=True)
+        if progress is not None:
+            progress(stage, stage)
+    elif backend == "hf":
+        model, processor = stage_model(
+            base_path, task_dirs, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code
+        )
+        preds = evaluate_seen(
+            model, processor, bench, method, stage, out_path=out_path, batch_size=batch_size,
+            max_new_tokens=max_new_tokens, progress=progress,
+        )  # fmt: skip
+    else:
+        raise ValueError(f"unknown eval.backend {backend!r}; known: hf, vllm")
     return {"predictions": len(preds), "mean_score": sum(p.score for p in preds) / max(len(preds), 1)}
 
 

