@@ -464,6 +464,11 @@ def _mean_score(predictions: str) -> float:
     return sum(scores) / max(len(scores), 1)
 
 
+def _plain(message: str) -> None:
+    """A line as it is (a server command holds brackets that are not rich markup)."""
+    console.print(message, markup=False, highlight=False)
+
+
 AsdTaskOpt = typer.Option([], "--task", "-t", help="Only this task (repeatable); default: all.")
 
 
@@ -475,10 +480,11 @@ def asd(config: Path | None = ConfigOpt, set_: list[str] = SetOpt, task: list[st
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from sefe_core.asd import TooManyRejects, run_asd, task_styles
+    from sefe_core.asd import SERVER_LOG, TooManyRejects, run_asd, task_styles
     from sefe_core.prepare import ensure_benchmark
     from sefe_core.registry import task_spec
     from sefe_core.rewriter import RewriterError
+    from sefe_core.rewriter_server import ensure_server, stop_servers
 
     cfg = _config(config, set_)
     a = cfg.asd
@@ -495,6 +501,10 @@ def asd(config: Path | None = ConfigOpt, set_: list[str] = SetOpt, task: list[st
     results = []
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     try:
+        if a.backend == "openai":  # asd.server.launch: started here, so its start-up is on screen
+            ensure_server(
+                a.server.base_url, a.server.model, a.server.launch, out / SERVER_LOG, say=console.print
+            )
         with Progress(*columns, console=console, transient=True) as bar:
             for name in list(task) or list(bench.tasks):
                 tid = bar.add_task(f"ASD {name} (shards)", total=None)
@@ -515,6 +525,8 @@ def asd(config: Path | None = ConfigOpt, set_: list[str] = SetOpt, task: list[st
     except (RewriterError, TooManyRejects) as e:
         console.print(f"[red]ASD stopped:[/] {e}")
         raise typer.Exit(1) from None
+    finally:
+        stop_servers(say=_plain)
     t = Table("task", "converted into", "selected", "converted", "rejected", "shards (reused)", "s")
     for r in results:
         styles = ", ".join(task_styles(task_spec(cfg.benchmark.name, r.task), a.recipe))

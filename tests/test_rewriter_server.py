@@ -195,3 +195,24 @@ def test_ctrl_c_while_the_server_starts_stops_it_too(tmp_path) -> None:
         if log.exists() and _alive(pid := _pid_in(log)):
             os.kill(pid, signal.SIGKILL)
     assert "starting the rewriter server" in (tmp_path / "sefe-run.log").read_text()
+
+
+def test_sefe_asd_shows_the_start_and_stops_the_server(tmp_path) -> None:
+    import json
+
+    url = f"http://127.0.0.1:{_port()}/v1"
+    launch = {"command": _fake_command(), "env": {"PYTHONPATH": str(ROOT)}}
+    sets = [
+        f"runs_root={tmp_path}", "benchmark.minicoin.n_train=24", "benchmark.minicoin.n_test=6",
+        "asd.backend=openai", f"asd.server.base_url={url}", "asd.server.model=fake",
+        f"asd.server.launch={json.dumps(launch)}",
+    ]  # fmt: skip
+    r = subprocess.run(
+        [str(Path(sys.executable).with_name("sefe")), "asd", "-t", ASD_TASK, *[a for s in sets for a in ("--set", s)]],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "COLUMNS": "200"},
+    )  # fmt: skip
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "starting the rewriter server" in r.stdout and "rewriter server ready" in r.stdout
+    assert f"stopping the rewriter server at {url}" in r.stdout
+    assert not _alive(_pid_in(tmp_path / "minicoin-demo" / "data" / "rewriter-server.log"))
+    assert served_models(url) is None
