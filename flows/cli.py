@@ -480,11 +480,11 @@ def asd(config: Path | None = ConfigOpt, set_: list[str] = SetOpt, task: list[st
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from sefe_core.asd import SERVER_LOG, TooManyRejects, run_asd, task_styles
+    from sefe_core.asd import TooManyRejects, run_asd, task_styles
     from sefe_core.prepare import ensure_benchmark
     from sefe_core.registry import task_spec
     from sefe_core.rewriter import RewriterError
-    from sefe_core.rewriter_server import ensure_server, stop_servers
+    from sefe_core.rewriter_server import stop_servers
 
     cfg = _config(config, set_)
     a = cfg.asd
@@ -501,10 +501,6 @@ def asd(config: Path | None = ConfigOpt, set_: list[str] = SetOpt, task: list[st
     results = []
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     try:
-        if a.backend == "openai":  # asd.server.launch: started here, so its start-up is on screen
-            ensure_server(
-                a.server.base_url, a.server.model, a.server.launch, out / SERVER_LOG, say=console.print
-            )
         with Progress(*columns, console=console, transient=True) as bar:
             for name in list(task) or list(bench.tasks):
                 tid = bar.add_task(f"ASD {name} (shards)", total=None)
@@ -520,6 +516,7 @@ def asd(config: Path | None = ConfigOpt, set_: list[str] = SetOpt, task: list[st
                         a,
                         benchmark=cfg.benchmark.name,
                         progress=shard_done,
+                        say=_plain,  # a launched rewriter server's start-up
                     )
                 )
     except (RewriterError, TooManyRejects) as e:

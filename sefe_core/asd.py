@@ -418,12 +418,14 @@ def run_asd(
     benchmark: str = "minicoin",
     rewriter: Rewriter | None = None,
     progress: Callable[[int, int], None] | None = None,
+    say: Callable[[str], None] = log.info,
 ) -> ASDResult:
     """ASD of one task file into `out_dir/<task>.parquet` (all original records, both splits, then
     the ASD rows) and `out_dir/<task>.rejects.parquet`; shards under `out_dir/shards/<task>/<key>/`.
 
     The key hashes the input file and everything that changes the output, so a rerun reuses
-    exactly the shards that are still right. `progress(done, total)` is called per shard.
+    exactly the shards that are still right. `progress(done, total)` is called per shard; `say`
+    gets the start-up lines of a server `asd.server.launch` starts (once per process).
     Raises `RewriterUnavailable` (saying what is saved) if the server stays down.
     """
     t0 = time.perf_counter()
@@ -441,7 +443,7 @@ def run_asd(
         raise ValueError(f"{task_parquet}: task {task} is {spec.native_style}-native, found styles {wrong}")
     styles = task_styles(spec, cfg.recipe)
     if rewriter is None and cfg.backend == "openai":  # asd.server.launch: start it (once per process)
-        ensure_server(cfg.server.base_url, cfg.server.model, cfg.server.launch, out_dir / SERVER_LOG)
+        ensure_server(cfg.server.base_url, cfg.server.model, cfg.server.launch, out_dir / SERVER_LOG, say=say)
     rewriter = rewriter or make_rewriter(cfg.backend, cfg.seed, cfg.server)
     what = {
         "version": ASD_VERSION,

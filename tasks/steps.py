@@ -118,17 +118,19 @@ def _rewriter_may_recover(task: object, task_run: object, state: Any) -> bool:
 def asd(
     run_dir: str, k: int, key: dict, cfg_json: dict, task: str, source: str, image_root: str
 ) -> dict[str, Any]:
-    from sefe_core.asd import SERVER_LOG, run_asd
-    from sefe_core.rewriter_server import ensure_server
+    from sefe_core.asd import run_asd
 
     cfg = _cfg(cfg_json)
     tasks = cfg.benchmark.task_names
-    s = cfg.asd.server
-    if cfg.asd.backend == "openai":  # here, so that a launched server's start-up is in the run log
-        ensure_server(s.base_url, s.model, s.launch, Path(run_dir) / "data" / SERVER_LOG, say=_log().info)
     progress = _progress("asd", f"ASD of task {k}/{len(tasks)} ({task})", k, len(tasks))
     res = run_asd(
-        source, image_root, Path(run_dir) / "data", cfg.asd, benchmark=cfg.benchmark.name, progress=progress
+        source,
+        image_root,
+        Path(run_dir) / "data",
+        cfg.asd,
+        benchmark=cfg.benchmark.name,
+        progress=progress,
+        say=_log().info,  # a launched rewriter server's start-up, in the run log
     )
     _log().info(
         "ASD %s: selected %d = converted %d + rejected %d", task, res.selected, res.converted, res.rejected
