@@ -72,6 +72,15 @@ def append_section(path: Path, section: str, entry: str) -> None:
     Entries are appended to their own benchmark's section rather than to the end of the file, so
     that one benchmark's history reads in one place; the file is replaced atomically.
     """
+    import fcntl
+
+    # two benchmarks finishing at once must not lose one another's entry (read-modify-write)
+    with open(path.with_name(path.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        _append_locked(path, section, entry)
+
+
+def _append_locked(path: Path, section: str, entry: str) -> None:
     text = path.read_text() if path.exists() else "# Benchmarks\n"
     if section not in text:
         text = text.rstrip("\n") + f"\n\n{section}\n"
