@@ -8,7 +8,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    field_serializer,
+    field_validator,
+    model_validator,
+)
 
 from sefe_core.asd import ASDConfig
 from sefe_core.coin import CoINConfig
@@ -36,10 +44,21 @@ class BenchmarkConfig(BaseModel):
             )
         return self
 
+    @field_serializer("minicoin", mode="wrap")
+    def _rounds_only_when_set(self, v: MiniCoINConfig, handler: SerializerFunctionWrapHandler) -> Any:
+        """`minicoin.rounds` is dumped only when it is not 1: a default config (and so the key of
+        its benchmark step, keys.benchmark_key) dumps as it did before `rounds` existed."""
+        out = handler(v)
+        if isinstance(out, dict) and out.get("rounds") == 1:
+            del out["rounds"]
+        return out
+
     @property
     def task_names(self) -> tuple[str, ...]:
-        """The task sequence, in order."""
-        return (self.coin if self.name == "coin" else self.minicoin).tasks
+        """The task sequence, in order (MiniCoIN: every round's tasks unless `tasks` picks)."""
+        names = (self.coin if self.name == "coin" else self.minicoin).tasks
+        assert names is not None  # MiniCoINConfig fills its default in __post_init__
+        return names
 
 
 class ModelConfig(BaseModel):

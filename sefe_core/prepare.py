@@ -12,7 +12,7 @@ import random
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from data_contracts import INSTRUCTIONS, atomic_path, mismatched, write_json
@@ -98,7 +98,7 @@ def ensure_benchmark(cfg: RunConfig) -> Benchmark:
     if cfg.benchmark.name == "coin":
         return _ensure_coin(cfg)
     mc = cfg.benchmark.minicoin
-    key = config_hash({"name": cfg.benchmark.name, "minicoin": asdict(mc)})
+    key = config_hash({"name": cfg.benchmark.name, "minicoin": mc.key_fields()})
     final = cfg.run_dir / "benchmark" / f"{cfg.benchmark.name}-{key}"
     if (bench := _reusable(final)) is not None:
         return bench

@@ -129,3 +129,137 @@ def test_unknown_task_and_bad_sizes(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="n_train"):
         MiniCoINConfig(n_train=0)
     assert not any(tmp_path.iterdir())
+
+
+# --------------------------------------------------------------------------------------------
+# Longer sequences: benchmark.minicoin.rounds (issue 17)
+# --------------------------------------------------------------------------------------------
+ROUND_2 = [
+    "09-scienceqa",
+    "10-textvqa",
+    "11-imagenet",
+    "12-gqa",
+    "13-vizwiz",
+    "14-grounding",
+    "15-vqav2",
+    "16-ocrvqa",
+]
+
+
+def test_two_rounds_are_sixteen_distinct_tasks_in_order() -> None:
+    cfg = MiniCoINConfig(rounds=2)
+    first = [t.name for t in benchmark_tasks("minicoin")]
+    assert list(cfg.tasks or ()) == first + ROUND_2 == sorted(first + ROUND_2)
+    specs = benchmark_tasks("minicoin", 2)
+    for a, b in zip(specs[:8], specs[8:], strict=True):
+        assert (b.scorer, b.coin_name, b.native_style, b.max_new_tokens) == (
+            a.scorer,
+            a.coin_name,
+            a.native_style,
+            a.max_new_tokens,
+        )
+        assert (a.round, b.round) == (1, 2) and task_spec("minicoin", b.name) == b
+    # a lookup by name needs no config; the real CoIN has no second round
+    assert task_spec("minicoin", "24-ocrvqa").round == 3
+    with pytest.raises(KeyError, match="no task"):
+        task_spec("coin", "09-scienceqa")
+    with pytest.raises(KeyError, match="no task"):
+        task_spec("minicoin", "09-textvqa")  # task 9 is a ScienceQA
+
+
+def test_rounds_are_validated() -> None:
+    for bad in (0, -1, 13):
+        with pytest.raises(ValueError, match="rounds must be an integer from 1 to 12"):
+            MiniCoINConfig(rounds=bad)
+    with pytest.raises(ValueError, match="need benchmark.minicoin.rounds"):
+        MiniCoINConfig(tasks=("01-scienceqa", "09-scienceqa"))
+    picked = ("09-scienceqa", "02-textvqa")  # a list picks from every round's tasks, in its order
+    assert MiniCoINConfig(rounds=2, tasks=picked).tasks == picked
+    with pytest.raises(ValueError, match="one round only"):
+        benchmark_tasks("coin", 2)
+
+
+def test_default_benchmark_dumps_and_keys_as_before_rounds() -> None:
+    """rounds=1 is not in the dump: the benchmark step's key and the benchmark directory of a
+    default config are the ones from before `rounds` existed (values pinned then)."""
+    from sefe_core import keys
+    from sefe_core.config import load_config
+    from sefe_core.hashing import config_hash
+
+    cfg = load_config(None, [])
+    assert cfg.model_dump(mode="json")["benchmark"]["minicoin"] == {
+        "seed": 0,
+        "n_train": 400,
+        "n_test": 100,
+        "tasks": [t.name for t in benchmark_tasks("minicoin")],
+    }
+    assert keys.digest(keys.benchmark_key(cfg, None)) == "22f88d238ec922db"
+    mc = cfg.benchmark.minicoin
+    assert config_hash({"name": "minicoin", "minicoin": mc.key_fields()}) == "b8f916bd3ef61e8e"
+    two = load_config(None, ["benchmark.minicoin.rounds=2"])
+    assert two.model_dump(mode="json")["benchmark"]["minicoin"]["rounds"] == 2
+    assert two.benchmark.task_names[8:] == tuple(ROUND_2)
+    assert keys.digest(keys.benchmark_key(two, None)) != "22f88d238ec922db"
+    assert set(two.eval.budgets("minicoin", two.benchmark.task_names)) == set(two.benchmark.task_names)
+
+
+def test_a_round_two_task_is_new_data_in_the_same_format(tmp_path: Path) -> None:
+    """Pipeline-free: generate_task on round-2 specs; other seeds than round 1, the same kind,
+    format and scorer; ScienceQA and TextVQA ask one question another way."""
+    from sefe_core.kinds import get_kind
+    from sefe_core.minicoin import generate_task
+    from sefe_core.styles import format_ok
+
+    specs = benchmark_tasks("minicoin", 2)
+    phrasings = {"scienceqa": "Which object is in the ", "textvqa": "What is written on the sign on the "}
+    for first, later in zip(specs[:8], specs[8:], strict=True):
+        r1 = generate_task(first, "test", 12, 0, tmp_path)
+        r2 = generate_task(later, "test", 12, 0, tmp_path)
+        assert [(r.question, r.answer) for r in r1] != [(r.question, r.answer) for r in r2], later.name
+        assert (tmp_path / later.name / "test" / "00000.png").read_bytes() != (
+            tmp_path / first.name / "test" / "00000.png"
+        ).read_bytes()
+        kind = get_kind(later.scorer)
+        for r in r2:
+            meta = json.loads(r.meta)
+            assert r.task == later.name and r.style == first.native_style and format_ok(r.style, r.answer)
+            assert kind.score(r.answer, r.answer, meta) == 1.0 and kind.content(r.answer, r.answer, meta)
+        if later.scorer in phrasings:  # every question type but this one is as in round 1
+            asked = [r.question.startswith(phrasings[later.scorer]) for r in r2]
+            assert any(asked) and not any(r.question.startswith(phrasings[later.scorer]) for r in r1)
+
+
+def test_round_two_words_are_in_the_tiny_tokenizer() -> None:
+    """The other phrasings use only words the shipped tiny base already has (no <unk>)."""
+    import numpy as np
+    from tokenizers import Tokenizer
+
+    from sefe_core.kinds import get_kind
+
+    tok = Tokenizer.from_file(str(Path(__file__).parents[1] / "sefe_core/assets/tiny-llava/tokenizer.json"))
+    unk = tok.token_to_id("<unk>")
+    for key in ("scienceqa", "textvqa"):
+        gen = get_kind(key).generate_round
+        assert gen is not None
+        rng = np.random.default_rng(0)
+        for _ in range(30):
+            _, q, a, _ = gen(rng, 2)
+            assert unk not in tok.encode(q + " " + a).ids, q
+
+
+def test_rules_asd_converts_the_other_phrasings(tmp_path: Path) -> None:
+    """ASD's rules backend (meta-based) writes every target style of a round-2 record."""
+    from sefe_core.asd import build_request, convert, target_styles
+    from sefe_core.minicoin import generate_task
+    from sefe_core.rewriter_rules import RulesRewriter
+
+    rules = RulesRewriter(0)
+    for name in ("09-scienceqa", "10-textvqa"):
+        spec = task_spec("minicoin", name)
+        for rec in generate_task(spec, "train", 12, 0, tmp_path):
+            reqs = [
+                build_request(rec, s, spec.scorer, spec.native_style)
+                for s in target_styles(spec.native_style)
+            ]
+            rows, rejects = convert(reqs, rules.rewrite(reqs, tmp_path), 0, rules.name)
+            assert len(rows) == len(reqs) and not rejects, (rec.question, rejects)

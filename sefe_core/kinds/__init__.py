@@ -4,7 +4,8 @@ know about it, found by name in `KINDS`:
 - its spec: the CoIN dataset it mirrors, its native answer style, its generation budget;
 - its scorers: the intended rule, the reference evaluator's rule (`compat="reference"`), and the
   lenient content check of the forgetting split;
-- its MiniCoIN generator (`generate(rng) -> (image, question, answer, meta)`);
+- its MiniCoIN generator (`generate(rng) -> (image, question, answer, meta)`), and optionally
+  another phrasing for MiniCoIN's later rounds (`generate_round(rng, round)`);
 - its rules-rewriter facts (why an answer is right, from the record's meta), if it has its own;
 - its ASD prompt for a served rewriter (`prompt.txt` beside its module);
 - how CoIN's files give its ground truth and record metadata (`coin`), if not the default.
@@ -53,6 +54,9 @@ class TaskKind:
     score_reference: ScoreFn
     content: ContentFn
     generate: Callable[[Any], Any]  # MiniCoIN: rng -> (image, question, answer, meta)
+    # MiniCoIN's later rounds (benchmark.minicoin.rounds): (rng, round) -> a sample of the same
+    # format and scorer, asked another way; None: `generate` (a later round differs by its seeds)
+    generate_round: Callable[[Any, int], Any] | None = None
     facts: FactsFn | None = None  # rules rewriter: (answer, question, meta) -> sentences, or None
     coin: CoinAdapter = field(default_factory=CoinAdapter)
 

@@ -105,11 +105,23 @@ def scienceqa_content(prediction: str, reference: str, meta: Mapping[str, Any]) 
 # MiniCoIN
 # --------------------------------------------------------------------------------------------
 def generate(rng: np.random.Generator) -> Sample:
+    return _generate(rng, by_place=False)
+
+
+def generate_round(rng: np.random.Generator, round: int) -> Sample:
+    """Later rounds: "Which object is in the top left?" takes the place of "Which object is red?"."""
+    return _generate(rng, by_place=round > 1)
+
+
+def _generate(rng: np.random.Generator, by_place: bool) -> Sample:
     size = picture_size(rng)
     objs = random_scene(rng, int(rng.integers(2, 4)), size)
     target = objs[int(rng.integers(len(objs)))]
     kind = int(rng.integers(3))
-    if kind == 0:
+    if kind == 0 and by_place:
+        question, correct = f"Which object is in the {target.quadrant}?", target.shape
+        pool = [s for s in SHAPES if s != correct]
+    elif kind == 0:
         question, correct = f"Which object is {target.color}?", target.shape
         pool = [s for s in SHAPES if s != correct]
     elif kind == 1:
@@ -216,6 +228,7 @@ KIND = register(
         score_reference=scienceqa_reference,
         content=scienceqa_content,
         generate=generate,
+        generate_round=generate_round,
         coin=COIN,
     )
 )

@@ -53,6 +53,15 @@ def textvqa_content(prediction: str, reference: str, meta: Mapping[str, Any]) ->
 # MiniCoIN
 # --------------------------------------------------------------------------------------------
 def generate(rng: np.random.Generator) -> Sample:
+    return _generate(rng, by_side=False)
+
+
+def generate_round(rng: np.random.Generator, round: int) -> Sample:
+    """Later rounds: the sign is named by its side ("the sign on the left"), not its colour."""
+    return _generate(rng, by_side=round > 1)
+
+
+def _generate(rng: np.random.Generator, by_side: bool) -> Sample:
     size = picture_size(rng)
     names = list(COLORS)
     c1, c2 = (names[i] for i in rng.permutation(len(names))[:2])
@@ -74,7 +83,8 @@ def generate(rng: np.random.Generator) -> Sample:
             }
         )
     target = signs[int(rng.integers(2))]
-    q = f"What is written on the {target['color']} sign?\nReference OCR token: {w1}, {w2}\n{SHORT_SUFFIX}"
+    which = f"sign on the {target['side']}" if by_side else f"{target['color']} sign"
+    q = f"What is written on the {which}?\nReference OCR token: {w1}, {w2}\n{SHORT_SUFFIX}"
     answer = target["word"]
     # Ten annotator answers as in TextVQA; one annotator in five misreads the other sign.
     other = w2 if answer == w1 else w1
@@ -134,6 +144,7 @@ KIND = register(
         score_reference=textvqa_reference,
         content=textvqa_content,
         generate=generate,
+        generate_round=generate_round,
         facts=facts,
         coin=COIN,
     )
