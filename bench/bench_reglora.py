@@ -34,24 +34,20 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from bench.common import load_average, machine, publish, utc_heading  # noqa: E402
+from bench.common import (  # noqa: E402
+    LAYERS_7B,
+    LLAVA_7B_PARAMS,
+    MODULES_7B,
+    load_average,
+    machine,
+    publish,
+    utc_heading,
+)
 from sefe_core.adapters import LoraFactors  # noqa: E402
 from sefe_core.mask import Mask, mask_size, random_mask, save_mask, topk_mask  # noqa: E402
 from sefe_core.regularizer import MultisetIndex, Regularizer, as_pairs, reference_penalty  # noqa: E402
 
 SECTION = "## RegLoRA regulariser at LLaVA-7B shapes (issue 3)"
-HIDDEN, INTER, LAYERS_7B = 4096, 11008, 32
-MODULES = {  # name -> (out, in) of ΔW
-    "self_attn.q_proj": (HIDDEN, HIDDEN),
-    "self_attn.k_proj": (HIDDEN, HIDDEN),
-    "self_attn.v_proj": (HIDDEN, HIDDEN),
-    "self_attn.o_proj": (HIDDEN, HIDDEN),
-    "mlp.gate_proj": (INTER, HIDDEN),
-    "mlp.up_proj": (INTER, HIDDEN),
-    "mlp.down_proj": (HIDDEN, INTER),
-}
-# LLaVA-1.5-7B: 7.06e9 parameters (Vicuna-7B 6.74e9 + CLIP ViT-L/336 0.30e9 + projector 0.02e9)
-LLAVA_7B_PARAMS = 7.06e9
 PROJECTOR_PARAMS = 1024 * 4096 + 4096 + 4096 * 4096 + 4096
 
 
@@ -59,7 +55,7 @@ def make_factors(layers: int, r: int, dtype, device) -> list[LoraFactors]:
     g = torch.Generator().manual_seed(0)
     out = []
     for layer in range(layers):
-        for mod, (o, i) in MODULES.items():
+        for mod, (o, i) in MODULES_7B.items():
             a = (torch.randn(r, i, generator=g) / i**0.5).to(device, dtype).requires_grad_()
             b = (torch.randn(o, r, generator=g) * 0.01).to(device, dtype).requires_grad_()
             out.append(LoraFactors(f"model.language_model.layers.{layer}.{mod}", a, b))

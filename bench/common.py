@@ -97,3 +97,18 @@ def publish(entry: str, section: str, write: bool = True, path: Path = BENCHMARK
     if write:
         append_section(path, section, entry)
         print(f"appended to {path}")
+
+
+# LLaVA-1.5-7B's language model (Vicuna-7B): the shapes the 7B-scale benchmarks build
+HIDDEN, INTER, LAYERS_7B = 4096, 11008, 32
+MODULES_7B = {  # LoRA'd linear layer -> (out, in) of its ΔW
+    "self_attn.q_proj": (HIDDEN, HIDDEN),
+    "self_attn.k_proj": (HIDDEN, HIDDEN),
+    "self_attn.v_proj": (HIDDEN, HIDDEN),
+    "self_attn.o_proj": (HIDDEN, HIDDEN),
+    "mlp.gate_proj": (INTER, HIDDEN),
+    "mlp.up_proj": (INTER, HIDDEN),
+    "mlp.down_proj": (HIDDEN, INTER),
+}
+# LLaVA-1.5-7B: 7.06e9 parameters (Vicuna-7B 6.74e9 + CLIP ViT-L/336 0.30e9 + projector 0.02e9)
+LLAVA_7B_PARAMS = 7.06e9

@@ -70,18 +70,21 @@ def train_key(
     """`priors`: per earlier task, [adapter sha256, sha256 of what the method saved after it or None]."""
     return {
         "method": method,
-        "train": train.key_fields(method),
+        "train": train.key_fields(method, first_task=not priors),
         "data": data_sha256,
         "base": base,
         "priors": [list(p) for p in priors],
     }
 
 
-def prior_digests(method: str, prior_task_dirs: Sequence[str | Path]) -> list[list[str | None]]:
-    """The `priors` of `train_key` read from the earlier tasks' files (the library's view)."""
+def prior_digests(
+    method: str, prior_task_dirs: Sequence[str | Path], train: TrainConfig | None = None
+) -> list[list[str | None]]:
+    """The `priors` of `train_key` read from the earlier tasks' files (the library's view); which
+    file a method left can depend on `train` (RegLoRA's `mask_storage`)."""
     from data_contracts import sha256_once
 
-    artifact = method_of(method).artifact
+    artifact = method_of(method).artifact_name(train)
     out: list[list[str | None]] = []
     for d in map(Path, prior_task_dirs):
         if not (d / ADAPTER_FILE).exists():

@@ -11,6 +11,11 @@ rows and A columns, see BENCHMARKS.md) inside a custom autograd function that ke
 signs, so at most one module's dense ΔW (or its gradient) exists at a time. Per module, the
 multiset is held as `unique` int32 indices plus `extra` int32 indices (positions counted more
 than once, repeated): 4 bytes per multiset entry.
+
+The masks' *target* (sefe_core/mask.py) decides what is penalised: ΔW (the default, above), or
+the factors themselves, `mean_{p ∈ multiset} |A_new[p]|` (resp. B; plain autograd, they exist
+anyway), with target `ab` a module's term the mean of its A and B terms. The index is keyed
+by mask entry (`mask.entry_name`), so every target goes through the same code.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from sefe_core.adapters import LoraFactors
-from sefe_core.mask import Mask, load_mask
+from sefe_core.mask import DEFAULT_TARGET, Mask, entry_name, load_mask, target_parts
 
 
 @dataclass
@@ -103,6 +108,20 @@ def masked_abs_mean(a: torch.Tensor, b: torch.Tensor, index: MultisetIndex) -> t
     return _MaskedAbsSum.apply(a, b, index.unique, index.extra) / index.size
 
 
+def factor_abs_mean(t: torch.Tensor, index: MultisetIndex) -> torch.Tensor:
+    """mean_{p in multiset} |t[p]| of one factor (A or B) of a module, plain autograd."""
+    flat = t.reshape(-1)
+    total = flat.index_select(0, index.unique).abs().sum()
+    if index.extra.numel():
+        total = total + flat.index_select(0, index.extra).abs().sum()
+    return total / index.size
+
+
+def entry_shape(f: LoraFactors, part: str) -> tuple[int, int]:
+    """The shape of the matrix a mask entry of `part` indexes: ΔW, A (r x in) or B (out x r)."""
+    return {"delta_w": f.shape, "A": tuple(f.a.shape), "B": tuple(f.b.shape)}[part]
+
+
 def dense_abs_mean(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """mean |B @ A| over all entries of one module (the `l1` control)."""
     return _DenseAbsSum.apply(a, b) / (b.shape[0] * a.shape[1])
@@ -111,12 +130,20 @@ def dense_abs_mean(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 class Regularizer:
     """The RegLoRA penalty (without λ) of the new LoRA: mean over modules of each module's term.
 
-    `index[name]` is the multiset of earlier masks for the masked kinds, None for dense `l1`.
+    `index[entry]` is the multiset of earlier masks per mask entry (`mask.entry_name`: the module
+    for ΔW, `<module>::A` / `::B` for a factor of `target`), None for dense `l1` on ΔW.
     """
 
-    def __init__(self, factors: Sequence[LoraFactors], index: dict[str, MultisetIndex] | None):
+    def __init__(
+        self,
+        factors: Sequence[LoraFactors],
+        index: dict[str, MultisetIndex] | None,
+        target: str = DEFAULT_TARGET,
+    ):
         self.factors = list(factors)
         self.index = index
+        self.parts = target_parts(target)
+        self.target = target
         for f in self.factors:
             if f.a.numel() == 0 or f.b.numel() == 0:
                 raise RuntimeError(
@@ -124,7 +151,9 @@ class Regularizer:
                     "keep them whole with stage3_param_persistence_threshold (see configs/zero3.json)"
                 )
         if index is not None:
-            missing = [f.name for f in self.factors if f.name not in index]
+            missing = [
+                e for f in self.factors for p in self.parts if (e := entry_name(f.name, p)) not in index
+            ]
             if missing:
                 raise ValueError(f"earlier masks do not cover the new LoRA modules, e.g. {missing[:3]}")
 
@@ -132,31 +161,58 @@ class Regularizer:
     def mask_nbytes(self) -> int:
         return sum(ix.nbytes for ix in (self.index or {}).values())
 
+    def _term(self, f: LoraFactors, part: str) -> torch.Tensor:
+        ix = self.index[entry_name(f.name, part)]
+        if part == "delta_w":
+            return masked_abs_mean(f.a, f.b, ix)
+        return factor_abs_mean(f.a if part == "A" else f.b, ix)
+
     def __call__(self) -> torch.Tensor:
         terms = []
         for f in self.factors:
             if self.index is None:
                 terms.append(dense_abs_mean(f.a, f.b))
-            else:
-                terms.append(masked_abs_mean(f.a, f.b, self.index[f.name]))
+            elif len(self.parts) == 1:
+                terms.append(self._term(f, self.parts[0]))
+            else:  # `ab`: the module's term is the mean of its factors' terms
+                terms.append(torch.stack([self._term(f, p) for p in self.parts]).mean())
         return torch.stack(terms).mean()
 
 
-def masked_regularizer(factors: Sequence[LoraFactors], masks: Sequence[Mask | str]) -> Regularizer:
-    """RegLoRA's penalty of the new LoRA against the earlier tasks' masks (files or Masks)."""
+def masked_regularizer(
+    factors: Sequence[LoraFactors], masks: Sequence[Mask | str], target: str | None = None
+) -> Regularizer:
+    """RegLoRA's penalty of the new LoRA against the earlier tasks' masks (files or Masks).
+
+    `target`: the config's (ValueError if an earlier mask was made for another one); None takes
+    the masks' own target (which must then agree)."""
     device = factors[0].a.device
     loaded = [m if isinstance(m, Mask) else load_mask(m, device) for m in masks]
+    where = [
+        f"earlier task {i + 1}" + ("" if isinstance(m, Mask) else f" ({m})") for i, m in enumerate(masks)
+    ]
+    target = target if target is not None else (loaded[0].target if loaded else DEFAULT_TARGET)
+    for w, m in zip(where, loaded, strict=True):
+        if m.target != target:
+            raise ValueError(
+                f"the mask of {w} is for RegLoRA target {m.target!r}, the config's is {target!r} "
+                "(re-run that task's after-task step with this target)"
+            )
     index = {}
     for f in factors:
-        per_task = []
-        for i, m in enumerate(loaded):
-            if f.name not in m.indices:
-                raise ValueError(f"mask of earlier task {i + 1} has no module {f.name}")
-            if tuple(m.shapes[f.name]) != f.shape:
-                raise ValueError(f"mask of {f.name} is for shape {m.shapes[f.name]}, LoRA ΔW is {f.shape}")
-            per_task.append(m.indices[f.name].to(device))
-        index[f.name] = MultisetIndex.union(per_task)
-    return Regularizer(factors, index)
+        for part in target_parts(target):
+            key, shape = entry_name(f.name, part), entry_shape(f, part)
+            per_task = []
+            for w, m in zip(where, loaded, strict=True):
+                if key not in m.indices:
+                    raise ValueError(f"the mask of {w} has no entry {key}")
+                if tuple(m.shapes[key]) != shape:
+                    raise ValueError(
+                        f"the mask of {key} ({w}) is for shape {tuple(m.shapes[key])}, the LoRA's is {shape}"
+                    )
+                per_task.append(m.indices[key].to(device))
+            index[key] = MultisetIndex.union(per_task)
+    return Regularizer(factors, index, target)
 
 
 def pairs_nbytes(n_entries: int) -> int:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import shutil
 import time
 from collections.abc import Callable, Sequence
@@ -115,7 +116,7 @@ def task_key(
     the files (the pipeline's train step has the same key: a finished task is found by both)."""
     from sefe_core import keys
 
-    priors = keys.prior_digests(method, prior_task_dirs)
+    priors = keys.prior_digests(method, prior_task_dirs, cfg)
     return keys.digest(keys.train_key(cfg, method, data_digest, keys.base_identity(base_path), priors))
 
 
@@ -202,9 +203,13 @@ def train_task(
     if trained_with(task_dir / TRAIN_JSON) == key:
         damaged = _damaged_outputs(task_dir)
         if not damaged:
+            # what the method saves after it, at this config (a key may leave out what only shapes
+            # that file, e.g. RegLoRA's target on task 1); an up-to-date file is kept. Rank 0 only.
+            if os.environ.get("RANK", "0") == "0":
+                algo.after_task(task_dir, cfg)
             return _read_result(task_dir, key)
         log.warning("%s is trained again: %s", task_dir, "; ".join(damaged))
-        for name in (TRAIN_JSON, PROJECTOR_FILE, algo.artifact):
+        for name in (TRAIN_JSON, PROJECTOR_FILE, algo.artifact_name(cfg)):
             if name:
                 (task_dir / name).unlink(missing_ok=True)
         shutil.rmtree(task_dir / ADAPTER_DIR, ignore_errors=True)

@@ -72,6 +72,10 @@ class TrainConfig(BaseModel):
     # RegLoRA (and the `l1` control): λ and M of the paper, named as in the reference scripts
     reg_lambda: float = Field(2.5e3, ge=0)
     mask_percent: float = Field(2.0, gt=0, le=100)
+    # what a RegLoRA task keeps for the later ones: its mask (`file`: mask.safetensors, 4 bytes per
+    # masked position) or only a digest of it (`recompute`: mask.digest.json; later tasks recompute
+    # the mask from the task's adapter and check it against the digest). docs/design.md §1.2
+    mask_storage: Literal["file", "recompute"] = "file"
     # any other method's own settings, by method name (e.g. {"olora": {"lambda_orth": 0.5}}),
     # validated by that method (sefe_core/methods/)
     method_settings: dict[str, dict[str, Any]] = Field(default_factory=dict)
@@ -117,19 +121,22 @@ class TrainConfig(BaseModel):
     def minicoin(cls, **overrides: Any) -> TrainConfig:
         return cls(preset="minicoin", **overrides)
 
-    def key_fields(self, method: str) -> dict[str, Any]:
+    def key_fields(self, method: str, first_task: bool = False) -> dict[str, Any]:
         """The fields that change what `method` learns on a task (its training key): the common
         learning fields, plus what the method itself reads (sefe_core/methods/: `reg_lambda`
         for the penalised ones, its `method_settings`). Not paths, logging or saving; not
         `mask_percent` (it shapes this task's mask, which the after-task step keys on; earlier
-        tasks' masks enter through their digests)."""
+        tasks' masks enter through their digests); `mask_storage` only where a method reads it.
+        `first_task`: the method's own fields only where they act without earlier tasks
+        (`key_fields_need_priors`)."""
         from sefe_core.methods import method_of
 
         skip = {"preset", "save_steps", "save_total_limit", "logging_steps", "keep_checkpoints", "report_to"}
         skip |= {"dataloader_num_workers", "deepspeed", "cpu_threads", "mask_percent", "reg_lambda"}
-        skip |= {"method_settings"}
+        skip |= {"method_settings", "mask_storage"}  # the RegLoRA methods add it when not the default
         common = {k: v for k, v in self.model_dump(mode="json").items() if k not in skip}
-        return {**common, **method_of(method).key_fields(self)}
+        m = method_of(method)
+        return common if first_task and m.key_fields_need_priors else {**common, **m.key_fields(self)}
 
     def deepspeed_config(self) -> str | None:
         if self.deepspeed is None:

@@ -100,3 +100,17 @@ def test_the_library_and_the_flow_key_a_task_alike(small_run, tmp_path) -> None:
     ]
     flow_key2 = keys.train_key(cfg, "reglora", sha256_file(data2), keys.base_identity(base.path), priors)
     assert res2.config_hash == keys.digest(flow_key2)
+
+
+@pytest.mark.parametrize("method", ["reglora", "sefe", "l1", "olora"])
+def test_first_task_key_leaves_out_what_weighs_only_earlier_tasks(method: str) -> None:
+    """λ weighs a penalty against earlier tasks: task 1 (none) trains the same for every λ, so a
+    λ sweep trains it once. O-LoRA's settings act on task 1 too and stay in its key."""
+    a, b = (
+        load_config(None, []),
+        load_config(None, ["train.reg_lambda=10", "train.method_settings={olora: {lambda_l2: 0.1}}"]),
+    )
+    first = [keys.train_key(c.train, method, "d", BASE, []) for c in (a, b)]
+    second = [keys.train_key(c.train, method, "d", BASE, [["a1", "m1"]]) for c in (a, b)]
+    assert (first[0] == first[1]) == (method != "olora")
+    assert second[0] != second[1]

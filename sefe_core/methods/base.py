@@ -3,7 +3,8 @@ what the method adds around it. A method is one module in this package, register
 
 - `penalty`: the term added to the new task's loss, given the earlier tasks' directories
   (their adapters, and whatever the method saved after each);
-- `after_task`: what it saves in a task's directory once the task is trained (RegLoRA: the mask);
+- `after_task`: what it saves in a task's directory once the task is trained (RegLoRA: the mask,
+  or its digest; `artifact_name(cfg)` names the file);
 - `key_fields` / `after_task_key` / `prior_key`: what of the config and of earlier tasks changes
   what it learns or saves, i.e. its part of the cache keys (sefe_core/keys.py reads them);
 - `mergeable`: whether a stage is the base with the adapters merged into W (a method whose
@@ -39,9 +40,14 @@ class ContinualMethod:
 
     name: ClassVar[str]
     summary: ClassVar[str] = ""
-    # the file it leaves in each task's directory for later tasks (None: nothing)
+    # the file it leaves in each task's directory for later tasks (None: nothing); where it
+    # depends on the config, `artifact_name(cfg)` says which (the keys read that)
     artifact: ClassVar[str | None] = None
     mergeable: ClassVar[bool] = True
+    # True when all `key_fields` names weighs a penalty against earlier tasks (RegLoRA's and the
+    # l1 control's λ): the first task, with nothing earlier, trains the same for every value, and
+    # its key leaves them out (a sweep over λ trains task 1 once)
+    key_fields_need_priors: ClassVar[bool] = False
     # its own settings, read from `train.method_settings.<name>` of the run config
     Settings: ClassVar[type[BaseModel]] = NoSettings
 
@@ -50,6 +56,10 @@ class ContinualMethod:
             return self.Settings.model_validate(cfg.method_settings.get(self.name, {}))
         except Exception as e:
             raise ValueError(f"train.method_settings.{self.name}: {e}") from e
+
+    def artifact_name(self, cfg: TrainConfig | None) -> str | None:
+        """The file `after_task` leaves at this config (`artifact` when it does not depend on it)."""
+        return self.artifact
 
     def key_fields(self, cfg: TrainConfig) -> dict[str, Any]:
         """Config values beyond the common training fields that change what this method learns."""

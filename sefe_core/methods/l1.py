@@ -18,6 +18,7 @@ if TYPE_CHECKING:
 class L1(ContinualMethod):
     name = "l1"
     summary = "dense L1 on the new ΔW (control)"
+    key_fields_need_priors = True
 
     def key_fields(self, cfg: TrainConfig) -> dict[str, Any]:
         return {"reg_lambda": cfg.reg_lambda}
