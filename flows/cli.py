@@ -154,6 +154,26 @@ def _writes_run_dir(fn):  # noqa: ANN001, ANN202
     return locked
 
 
+def _run_flow(flow_call, where: Path, what: str):  # noqa: ANN001, ANN202
+    """`_interruptible(flow_call)`, with the failures a user can act on (a busy run directory, a
+    full disk, a rewriter that cannot work) as one line and exit code 1, not a traceback."""
+    from sefe_core.runlock import RunDirectoryBusy
+
+    try:
+        return _interruptible(flow_call)
+    except RunDirectoryBusy as e:
+        console.print(f"[red]{e}[/]")
+        raise typer.Exit(1) from None
+    except Exception as e:
+        why = _known_failure(e, where)
+        if why is None:
+            raise
+        console.print(
+            f"[red]{what} stopped:[/] {why}\nFinished steps are kept: rerun the same command to resume."
+        )
+        raise typer.Exit(1) from None
+
+
 @app.command()
 def run(config: Path | None = ConfigOpt, set_: list[str] = SetOpt) -> None:
     """The main job: the SEFE pipeline flow (benchmark, base model, ASD, every method over the
@@ -173,7 +193,6 @@ def run(config: Path | None = ConfigOpt, set_: list[str] = SetOpt) -> None:
     else:
         from flows.pipeline import sefe_pipeline
         from sefe_core.progress import quiet_libraries
-        from sefe_core.runlock import RunDirectoryBusy
 
         quiet_libraries()  # imports transformers: only when something will run
 
@@ -181,19 +200,7 @@ def run(config: Path | None = ConfigOpt, set_: list[str] = SetOpt) -> None:
             f"Running the pipeline under [bold]{cfg.run_dir}[/] (Prefect logs each step; "
             "steps finished earlier are cache hits)."
         )
-        try:
-            out = _interruptible(lambda: sefe_pipeline(cfg))
-        except RunDirectoryBusy as e:
-            console.print(f"[red]{e}[/]")
-            raise typer.Exit(1) from None
-        except Exception as e:
-            why = _known_failure(e, cfg.run_dir)
-            if why is None:
-                raise
-            console.print(
-                f"[red]Run stopped:[/] {why}\nFinished steps are kept: rerun the same command to resume."
-            )
-            raise typer.Exit(1) from None
+        out = _run_flow(lambda: sefe_pipeline(cfg), cfg.run_dir, "Run")
         work = out["work"]
     _metrics_table(Path(out["metrics"]))
     console.print(
@@ -201,6 +208,58 @@ def run(config: Path | None = ConfigOpt, set_: list[str] = SetOpt) -> None:
         f"Done in {time.perf_counter() - t0:.0f} s."
     )
     console.print(f"Report: [bold]{Path(out['dir']) / 'report.md'}[/] (plots and metrics.json next to it)")
+
+
+AxisOpt = typer.Option(
+    [], "--axis", "-a", help="A sweep axis: field=v1,v2,... (repeatable; `seed=0,1,2` sets every seed)."
+)
+AxesFileOpt = typer.Option(None, "--axes", help="YAML file of axes: field -> list of values.")
+SweepDirOpt = typer.Option(
+    None, "--sweep-dir", help="Where the points go (default: <runs_root>/<experiment>-sweep)."
+)
+
+
+@app.command()
+def sweep(
+    config: Path | None = ConfigOpt,
+    set_: list[str] = SetOpt,
+    axis: list[str] = AxisOpt,
+    axes_file: Path | None = AxesFileOpt,
+    sweep_dir: Path | None = SweepDirOpt,
+) -> None:
+    """A sweep: the pipeline at every point of the axes' product over the base config (the config
+    file and --set), each point a run directory of its own, every step shared between points
+    whose keys agree (ASD once per X, task 1 once per method and data). Writes a report with one
+    table (point x metrics), a plot per axis and the count of steps run and reused."""
+    from sefe_core import sweep as sw
+
+    cfg = _config(config, set_)
+    try:
+        axes = sw.load_axes(axes_file) if axes_file else {}
+        for field, values in sw.values_of(axis).items():
+            if field in axes:
+                raise ValueError(f"axis {field} is both in {axes_file} and given with --axis")
+            axes[field] = values
+        where = sweep_dir.absolute() if sweep_dir else sw.default_sweep_dir(cfg)
+        points = sw.expand(cfg, axes, where)
+    except (ValueError, OSError) as e:
+        console.print(f"[red]Invalid sweep:[/] {e}")
+        raise typer.Exit(2) from None
+    from flows.sweep import sefe_sweep
+    from sefe_core.progress import quiet_libraries
+
+    quiet_libraries()
+    t0 = time.perf_counter()
+    console.rule(f"[bold]SEFE sweep: {len(points)} points over {', '.join(axes)}")
+    for p in points:
+        console.print(f"  {p.name}")
+    out = _run_flow(lambda: sefe_sweep(cfg, axes, str(where)), where, "Sweep")
+    steps = out["steps"]
+    console.print(
+        f"Steps: {steps['run']} ran, {steps['reused']} reused from the cache "
+        f"({steps['shared']} finished by another point). Done in {time.perf_counter() - t0:.0f} s."
+    )
+    console.print(f"Report: [bold]{out['report']}[/] (points.parquet and a plot per axis next to it)")
 
 
 @app.command()

@@ -61,7 +61,7 @@ def _pct(v: float | None, signed: bool = False) -> str:
     return f"{100 * v:+.2f}" if signed else f"{100 * v:.2f}"
 
 
-def _save(fig: Figure, path: Path) -> Path:
+def save_png(fig: Figure, path: Path) -> Path:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)
@@ -74,7 +74,14 @@ def _write_text(path: Path, text: str) -> Path:
     return path
 
 
-def _md_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+def task_labels(tasks: Sequence[str]) -> list[str]:
+    """Axis labels: the kind alone (`scienceqa`), or the full names where a kind comes back (a
+    sequence of several rounds: `01-scienceqa`, `09-scienceqa`)."""
+    short = [name.split("-", 1)[-1] for name in tasks]
+    return short if len(set(short)) == len(short) else list(tasks)
+
+
+def md_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * len(header)) + "|"]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     return "\n".join(lines) + "\n"
@@ -89,11 +96,12 @@ def _heatmap(ax: plt.Axes, a: np.ndarray, tasks: Sequence[str], title: str, ylab
     t = len(tasks)
     shown = np.ma.masked_invalid(100 * a)
     im = ax.imshow(shown, vmin=0, vmax=100, cmap="viridis")
-    short = [name.split("-", 1)[-1] for name in tasks]
+    short = task_labels(tasks)
     ax.set_xticks(range(t), short, rotation=45, ha="right", fontsize=9)
     ax.set_xlabel("evaluated task j")
     if ylabels:
-        ax.set_yticks(range(t), [f"{i + 1}. {s}" for i, s in enumerate(short)], fontsize=9)
+        numbered = short if short == list(tasks) else [f"{i + 1}. {s}" for i, s in enumerate(short)]
+        ax.set_yticks(range(t), numbered, fontsize=9)
         ax.set_ylabel("stage i (after training task i)")
     else:
         ax.set_yticks(range(t), [""] * t)
@@ -188,7 +196,7 @@ def _forgetting_figure(rep: MethodReport) -> Figure:
         label="net drop a[j][j] - a[T][j]",
     )
     ax.axhline(0, color="grey", lw=0.8)
-    ax.set_xticks(x, [r.task.split("-", 1)[-1] for r in rows], rotation=30, ha="right")
+    ax.set_xticks(x, task_labels([r.task for r in rows]), rotation=30, ha="right")
     ax.set_ylabel("percentage points of the task's samples")
     ax.set_title(f"{rep.method}: forgetting from stage j to stage {len(rep.matrices.tasks)}, per task j")
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
@@ -207,7 +215,7 @@ def _matrix_md(a: np.ndarray, tasks: Sequence[str]) -> str:
     rows = [
         [f"{i + 1}. {tasks[i]}", *("" if np.isnan(v) else _pct(v) for v in a[i])] for i in range(len(tasks))
     ]
-    return _md_table(["stage \\ task", *tasks], rows)
+    return md_table(["stage \\ task", *tasks], rows)
 
 
 def _method_markdown(rep: MethodReport, loss_plot: bool = False) -> str:
@@ -220,7 +228,7 @@ def _method_markdown(rep: MethodReport, loss_plot: bool = False) -> str:
         "## Metrics\n",
         "MFT = mean_j a[j][j], MFN = mean_j a[T][j], MAA = mean_i mean_{j<=i} a[i][j], "
         "BWT = mean_{j<T} (a[T][j] - a[j][j]); in %.\n",
-        _md_table(["matrix", *METRICS], _metric_rows(rep)),
+        md_table(["matrix", *METRICS], _metric_rows(rep)),
         "## Accuracy matrix (row i = stage after task i, column j = task j)\n",
         _matrix_md(rep.matrices.values["accuracy"], rep.matrices.tasks),
         "![accuracy, format and content matrices](matrices.png)\n",
@@ -260,7 +268,7 @@ def _method_markdown(rep: MethodReport, loss_plot: bool = False) -> str:
             ]
         )
         parts.append(
-            _md_table(
+            md_table(
                 [
                     "task j",
                     "a[j][j]",
@@ -296,8 +304,8 @@ def write_method_report(rep: MethodReport) -> Path:
     for name, a in rep.matrices.values.items():
         write_matrix_csv(out / f"{name}.csv", a, rep.matrices.tasks)
     write_json(out / "metrics.json", rep.to_json())
-    _save(_matrices_figure(rep), out / "matrices.png")
-    _save(_forgetting_figure(rep), out / "forgetting.png")
+    save_png(_matrices_figure(rep), out / "matrices.png")
+    save_png(_forgetting_figure(rep), out / "forgetting.png")
     _write_text(out / "report.md", _method_markdown(rep, _save_loss_figure([rep], out / "loss.png")))
     return out
 
@@ -363,7 +371,7 @@ def _comparison_forgetting_figure(reports: Sequence[MethodReport]) -> Figure:
                 xi, -0.02, rep.method, rotation=90, ha="center", va="top", fontsize=7,
                 transform=right.get_xaxis_transform(),
             )  # fmt: skip
-    right.set_xticks(np.arange(len(tasks)), [t.split("-", 1)[-1] for t in tasks])
+    right.set_xticks(np.arange(len(tasks)), task_labels(tasks))
     right.tick_params(axis="x", pad=38 if n > 1 else 4)
     right.axhline(0, color="grey", lw=0.8)
     right.set_title(
@@ -418,7 +426,7 @@ def _save_loss_figure(reports: Sequence[MethodReport], path: Path) -> bool:
     if fig is None:
         path.unlink(missing_ok=True)
         return False
-    _save(fig, path)
+    save_png(fig, path)
     return True
 
 
@@ -459,7 +467,7 @@ def _comparison_markdown(run_dir: Path, reports: Sequence[MethodReport], loss_pl
         "BWT = mean_{j<T} (a[T][j] - a[j][j]).\n\n"
     )
     parts.append(
-        _md_table(
+        md_table(
             ["method", *METRICS, "superficial", "essential"],
             [
                 [
@@ -476,7 +484,7 @@ def _comparison_markdown(run_dir: Path, reports: Sequence[MethodReport], loss_pl
         if all(name in r.metrics for r in reports):
             parts.append(f"\n### {MATRIX_TITLES[name]}\n\n")
             parts.append(
-                _md_table(
+                md_table(
                     ["method", *METRICS],
                     [
                         [r.method, *(_pct(r.metrics[name][m], signed=m == "BWT") for m in METRICS)]
@@ -488,7 +496,7 @@ def _comparison_markdown(run_dir: Path, reports: Sequence[MethodReport], loss_pl
     parts.append(DEFINITIONS)
     parts.append("\nMean over tasks j < T (percentage points of the task's samples):\n\n")
     parts.append(
-        _md_table(
+        md_table(
             ["method", "drop", "lost", "superficial", "essential", "(format lost too)", "superficial share"],
             [
                 [
@@ -521,7 +529,7 @@ def _comparison_markdown(run_dir: Path, reports: Sequence[MethodReport], loss_pl
                     ),
                 ]
             )
-        parts.append(_md_table(["method", *split_tasks], cells))
+        parts.append(md_table(["method", *split_tasks], cells))
     parts.append(
         "\n![superficial vs essential forgetting](forgetting.png)\n\n## Accuracy matrices\n\n"
         "![accuracy matrix per method](matrices.png)\n\n"
@@ -573,9 +581,9 @@ def build_report(
             "units": "fractions in [0, 1]; the markdown shows percentages",
         },
     )
-    _save(_metrics_figure(reports), out / "metrics.png")
-    _save(_comparison_forgetting_figure(reports), out / "forgetting.png")
-    _save(_comparison_matrices_figure(reports), out / "matrices.png")
+    save_png(_metrics_figure(reports), out / "metrics.png")
+    save_png(_comparison_forgetting_figure(reports), out / "forgetting.png")
+    save_png(_comparison_matrices_figure(reports), out / "matrices.png")
     loss_plot = _save_loss_figure(reports, out / "loss.png")
     _write_text(out / "report.md", _comparison_markdown(run_dir, reports, loss_plot))
     return out

@@ -91,7 +91,10 @@ def _warm() -> None:
 # ---- in the caller ------------------------------------------------------------------------
 def _listen(q: Any) -> None:
     while True:
-        item = q.get()
+        try:
+            item = q.get()
+        except (EOFError, OSError, ValueError):  # the queue closed under it at interpreter exit
+            return
         if item is None:
             return
         job, done, total = item

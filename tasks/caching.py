@@ -18,7 +18,11 @@ flows), `cached_step` (the stored result or NotCached: a finished run shown with
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+import json
+import os
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -26,6 +30,7 @@ from prefect import Task, task
 from prefect.context import TaskRunContext
 
 from data_contracts import mismatched, sha256_once
+from sefe_core import counters
 from sefe_core.hashing import config_hash
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -140,6 +145,7 @@ def run_step(
     `background=True` submits it to the flow's thread pool and returns a `Pending` (see
     `resolve`): evaluation of stage k overlaps the training of task k+1 on the second core."""
     storage = Path(run_dir) / RESULTS_DIR
+    _borrow(t.name, run_dir, k, key)
     name = " ".join(p for p in (t.name, label, f"k{k}" if k else "") if p)
     call = t.with_options(result_storage=storage, task_run_name=name)
     params = {"run_dir": str(run_dir), "k": k, "key": key, **kwargs}
@@ -150,9 +156,108 @@ def run_step(
 
 def _settle(call: Task, params: dict[str, Any], state: Any) -> Any:
     result = _local(state.result(), params["run_dir"])
-    if state.name == "Cached" and not intact(result):
-        result = _local(call.with_options(refresh_cache=True)(**params), params["run_dir"])
+    cached = state.name == "Cached"
+    if cached and not intact(result):
+        result, cached = _local(call.with_options(refresh_cache=True)(**params), params["run_dir"]), False
+    outcome = "steps_reused" if cached else "steps_run"
+    counters.add(outcome)
+    counters.add(f"{outcome}:{call.name}")  # per step, for a sweep's report
+    _publish(call.name, params["run_dir"], params["k"], params["key"])
     return result
+
+
+# --------------------------------------------------------------------------------------------
+# Steps shared between run directories (the points of a sweep, sefe_core/sweep.py)
+# --------------------------------------------------------------------------------------------
+# Inside `shared_index(dir)`, every step a run finishes is listed in `dir` (its cache key -> the
+# run directory holding it), and a step another run directory already finished under the same
+# key is taken from there: its files are hard-linked into this run directory at the same
+# relative paths and its stored result copied, so Prefect finds it as an ordinary cache hit.
+# Hard links cost no disk and are safe because every artifact is written by atomic rename,
+# never modified in place: a later write in one run directory gives it a new file.
+_SHARED: dict[str, Path | None] = {"index": None}
+_SHARED_LOCK = threading.Lock()
+
+
+@contextmanager
+def shared_index(index_dir: str | Path) -> Iterator[Path]:
+    index = Path(index_dir).absolute()
+    index.mkdir(parents=True, exist_ok=True)
+    previous, _SHARED["index"] = _SHARED["index"], index
+    try:
+        yield index
+    finally:
+        _SHARED["index"] = previous
+
+
+def _run_paths(value: Any) -> set[str]:
+    """The paths a stored (portable) result names inside its run directory, relative to it."""
+    if isinstance(value, str):
+        return {value[len(RUN) + 1 :]} if value.startswith(RUN + "/") else set()
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    return set().union(*(_run_paths(v) | (_run_paths(k) if isinstance(k, str) else set()) for k, v in items))
+
+
+def _link(src: Path, dst: Path) -> None:
+    """`dst` becomes the same file as `src` (hard link; a copy across file systems), atomically."""
+    import shutil
+
+    if dst.exists() and os.path.samefile(src, dst):
+        return
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(f".sefe-link-{os.getpid()}-{threading.get_ident()}")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(src, tmp)
+    except OSError:
+        shutil.copy2(src, tmp)
+    os.replace(tmp, dst)
+
+
+def _borrow(name: str, run_dir: str | Path, k: int, key: dict[str, Any]) -> bool:
+    """Take this step's result from another run directory of the shared index, if one finished
+    it under the same key and its files are still the ones it wrote."""
+    from prefect.results import ResultRecord
+
+    index = _SHARED["index"]
+    ck = cache_key(name, k, key)
+    own = Path(run_dir) / RESULTS_DIR / ck
+    if index is None or own.exists() or not (index / ck).exists():
+        return False
+    with _SHARED_LOCK:
+        source = Path(json.loads((index / ck).read_text())["run_dir"])
+        record_path = source / RESULTS_DIR / ck
+        if source == Path(run_dir).absolute() or not record_path.exists():
+            return False
+        stored = ResultRecord.deserialize(record_path.read_bytes()).result
+        if not intact(_local(stored, source)):
+            return False
+        for rel in sorted(_run_paths(stored)):
+            src = source / rel
+            if src.is_dir():  # not its hidden parts: caches (datasets' encodings), locks, temp files
+                tree = (
+                    p for p in src.rglob("*") if not any(c.startswith(".") for c in p.relative_to(src).parts)
+                )
+                for f in sorted(p for p in tree if p.is_file()):
+                    _link(f, Path(run_dir) / f.relative_to(source))
+            elif src.is_file():
+                _link(src, Path(run_dir) / rel)
+        _link(record_path, own)
+    counters.add("steps_shared")
+    counters.add(f"steps_shared:{name}")
+    return True
+
+
+def _publish(name: str, run_dir: str | Path, k: int, key: dict[str, Any]) -> None:
+    """List this run directory's finished step in the shared index (the first one stays)."""
+    index = _SHARED["index"]
+    ck = cache_key(name, k, key)
+    if index is None or (index / ck).exists() or not (Path(run_dir) / RESULTS_DIR / ck).exists():
+        return
+    from data_contracts import atomic_path
+
+    with _SHARED_LOCK, atomic_path(index / ck) as tmp:
+        tmp.write_text(json.dumps({"run_dir": str(Path(run_dir).absolute())}))
 
 
 class Pending:

@@ -80,7 +80,13 @@ def test_prefect_deploy_all_is_accepted_by_a_local_server(prefect_server) -> Non
 
     deployments = httpx.post(f"{api}/deployments/filter", json={}, timeout=30).json()
     by_name = {d["name"]: d for d in deployments}
-    assert set(by_name) == {"minicoin-demo", "coin-asd", "coin-sefe", "coin-report-nightly"}
+    assert set(by_name) == {
+        "minicoin-demo",
+        "minicoin-mask-sweep",
+        "coin-asd",
+        "coin-sefe",
+        "coin-report-nightly",
+    }
     for d in deployments:
         assert d["work_pool_name"] == "sefe-process"
         assert d["pull_steps"][0]["prefect.deployments.steps.set_working_directory"]["directory"] == str(REPO)
@@ -95,9 +101,23 @@ def test_prefect_deploy_all_is_accepted_by_a_local_server(prefect_server) -> Non
     assert sefe["method"] == "sefe" and cfg.benchmark.name == "coin" and cfg.train.preset == "reference"
     assert cfg.train.lora_r == 128 and cfg.asd.backend == "openai" and cfg.asd.percent == 20
 
+    # the sweep: its axes are a form field, its points valid configs of the default
+    from sefe_core.sweep import expand
+
+    sw = by_name["minicoin-mask-sweep"]
+    assert {"config", "axes", "sweep_dir"} <= set(sw["parameter_openapi_schema"]["properties"])
+    assert [p.config.train.mask_percent for p in expand(RunConfig(), sw["parameters"]["axes"], REPO)] == [
+        0.5,
+        1,
+        2,
+        5,
+    ]
+
     nightly = by_name["coin-report-nightly"]
     assert [s["schedule"]["cron"] for s in nightly["schedules"]] == ["0 3 * * *"]
-    assert all(not by_name[n]["schedules"] for n in ("minicoin-demo", "coin-asd", "coin-sefe"))
+    assert all(
+        not by_name[n]["schedules"] for n in ("minicoin-demo", "minicoin-mask-sweep", "coin-asd", "coin-sefe")
+    )
 
 
 def test_deployments_use_the_shipped_coin_config() -> None:
