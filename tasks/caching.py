@@ -214,24 +214,34 @@ def _link(src: Path, dst: Path) -> None:
     os.replace(tmp, dst)
 
 
-def _borrow(name: str, run_dir: str | Path, k: int, key: dict[str, Any]) -> bool:
-    """Take this step's result from another run directory of the shared index, if one finished
-    it under the same key and its files are still the ones it wrote."""
+def _usable_source(index: Path, ck: str) -> tuple[Path, Any] | None:
+    """The run directory the index names for cache key `ck` and its stored (portable) result,
+    if that result is still there and its files are still the ones it wrote."""
     from prefect.results import ResultRecord
 
+    if not (index / ck).exists():
+        return None
+    source = Path(json.loads((index / ck).read_text())["run_dir"])
+    record = source / RESULTS_DIR / ck
+    if not record.exists():
+        return None
+    stored = ResultRecord.deserialize(record.read_bytes()).result
+    return (source, stored) if intact(_local(stored, source)) else None
+
+
+def _borrow(name: str, run_dir: str | Path, k: int, key: dict[str, Any]) -> bool:
+    """Take this step's result from another run directory of the shared index, if one finished
+    it under the same key and its files are still the ones it wrote (else the step runs here)."""
     index = _SHARED["index"]
     ck = cache_key(name, k, key)
     own = Path(run_dir) / RESULTS_DIR / ck
-    if index is None or own.exists() or not (index / ck).exists():
+    if index is None or own.exists():
         return False
     with _SHARED_LOCK:
-        source = Path(json.loads((index / ck).read_text())["run_dir"])
-        record_path = source / RESULTS_DIR / ck
-        if source == Path(run_dir).absolute() or not record_path.exists():
+        found = _usable_source(index, ck)
+        if found is None or found[0] == Path(run_dir).absolute():
             return False
-        stored = ResultRecord.deserialize(record_path.read_bytes()).result
-        if not intact(_local(stored, source)):
-            return False
+        source, stored = found
         for rel in sorted(_run_paths(stored)):
             src = source / rel
             if src.is_dir():  # not its hidden parts: caches (datasets' encodings), locks, temp files
@@ -242,22 +252,26 @@ def _borrow(name: str, run_dir: str | Path, k: int, key: dict[str, Any]) -> bool
                     _link(f, Path(run_dir) / f.relative_to(source))
             elif src.is_file():
                 _link(src, Path(run_dir) / rel)
-        _link(record_path, own)
+        _link(source / RESULTS_DIR / ck, own)
     counters.add("steps_shared")
     counters.add(f"steps_shared:{name}")
     return True
 
 
 def _publish(name: str, run_dir: str | Path, k: int, key: dict[str, Any]) -> None:
-    """List this run directory's finished step in the shared index (the first one stays)."""
+    """List this run directory's finished step in the shared index, unless the index already
+    names a usable one (a source since damaged or removed is replaced)."""
     index = _SHARED["index"]
     ck = cache_key(name, k, key)
-    if index is None or (index / ck).exists() or not (Path(run_dir) / RESULTS_DIR / ck).exists():
+    if index is None or not (Path(run_dir) / RESULTS_DIR / ck).exists():
         return
     from data_contracts import atomic_path
 
-    with _SHARED_LOCK, atomic_path(index / ck) as tmp:
-        tmp.write_text(json.dumps({"run_dir": str(Path(run_dir).absolute())}))
+    with _SHARED_LOCK:
+        if _usable_source(index, ck) is not None:
+            return
+        with atomic_path(index / ck) as tmp:
+            tmp.write_text(json.dumps({"run_dir": str(Path(run_dir).absolute())}))
 
 
 class Pending:

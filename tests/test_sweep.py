@@ -182,3 +182,30 @@ def test_sefe_sweep_command(tmp_path: Path) -> None:
     report = tmp_path / "runs" / "minicoin-demo-sweep" / "report"
     assert (report / "sweep.md").exists() and (report / "axis-train.seed.png").exists()
     assert "reused from the cache" in res.stdout and "Report:" in res.stdout
+
+
+def test_a_damaged_point_is_not_shared(swept) -> None:
+    """A step is never taken from a point whose files changed since: a new point that comes
+    first runs it itself and becomes the index's source; the damaged point repairs itself."""
+    from data_contracts import sha256_file
+    from flows.sweep import sefe_sweep
+
+    sweep_dir, axes, _ = swept
+    source = sweep_dir / "train.mask_percent=1.0_train.reg_lambda=0.5"
+    adapter = "lora/task-01-scienceqa/adapter/adapter_model.safetensors"
+    sha = sha256_file(source / adapter)
+    (source / adapter).unlink()  # its hard links in the other points are untouched
+    wider = {**axes, "train.mask_percent": [0.5, *axes["train.mask_percent"]]}  # new points first
+    sefe_sweep(_base(sweep_dir.parent), wider, str(sweep_dir))
+    by_step = json.loads((sweep_dir / "report" / "sweep.json").read_text())["steps"]["by_step"]
+    first = by_step["train.mask_percent=0.5_train.reg_lambda=0.5"]
+    assert first["train"]["run"] >= 1  # lora's task 1 (and reglora's) trained here, not taken
+    assert by_step["train.mask_percent=0.5_train.reg_lambda=2.0"]["train"]["shared"] >= 2
+    assert by_step[source.name]["train"]["run"] == 1  # its own stale lora task 1, nothing else
+    assert sha256_file(source / adapter) == sha  # retrained to the same adapter
+    from tasks.caching import _usable_source
+
+    index = sweep_dir / sweep.INDEX_DIR
+    assert all(
+        _usable_source(index, e.name) is not None for e in index.iterdir()
+    )  # none names a damaged point
