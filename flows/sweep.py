@@ -25,20 +25,17 @@ from tasks.caching import shared_index
 DEFAULT_AXES: dict[str, list[Any]] = {"train.mask_percent": [0.5, 1.0, 2.0, 5.0]}
 
 
-OUTCOMES = ("run", "reused", "shared")
-
-
 def _counts(before: dict[str, int]) -> dict[str, Any]:
     """Steps run, reused from the cache, and (of those) finished by another point, since `before`:
     in total and per step name."""
     now = counters.snapshot()
     delta = {k: v - before.get(k, 0) for k, v in now.items() if k.startswith("steps_")}
-    out: dict[str, Any] = {o: delta.get(f"steps_{o}", 0) for o in OUTCOMES}
+    out: dict[str, Any] = {o: delta.get(f"steps_{o}", 0) for o in sweep.OUTCOMES}
     by_step: dict[str, dict[str, int]] = {}
     for k, v in delta.items():
         if ":" in k and v:
             outcome, step = k.removeprefix("steps_").split(":", 1)
-            by_step.setdefault(step, dict.fromkeys(OUTCOMES, 0))[outcome] = v
+            by_step.setdefault(step, dict.fromkeys(sweep.OUTCOMES, 0))[outcome] = v
     return {**out, "by_step": dict(sorted(by_step.items()))}
 
 
@@ -58,12 +55,11 @@ def sweep_dag(config: RunConfig, axes: dict[str, list[Any]], sweep_dir: Path) ->
             steps[p.name] = {**_counts(before), "seconds": round(time.perf_counter() - t0, 1)}
             log.info("point %s: steps %s", p.name, steps[p.name])
     out = sweep.write_report(sweep_dir, axes, points, metrics, steps)
-    total = {k: sum(s[k] for s in steps.values()) for k in OUTCOMES}
     return {
         "dir": str(out),
         "report": str(out / "sweep.md"),
         "points": [p.name for p in points],
-        "steps": total,
+        "steps": sweep.step_totals(steps),
     }
 
 

@@ -50,6 +50,11 @@ def entry_name(module: str, part: str) -> str:
     return module if part == "delta_w" else f"{module}::{part}"
 
 
+def part_shape(a: torch.Tensor, b: torch.Tensor, part: str) -> tuple[int, int]:
+    """The shape of the matrix a mask entry of `part` indexes: ΔW (out x in), A (r x in) or B (out x r)."""
+    return {"delta_w": (b.shape[0], a.shape[1]), "A": tuple(a.shape), "B": tuple(b.shape)}[part]
+
+
 def target_parts(target: str) -> tuple[str, ...]:
     if target not in TARGET_PARTS:
         raise ValueError(f"unknown RegLoRA target {target!r}; known: {', '.join(TARGET_PARTS)}")
@@ -129,7 +134,7 @@ def extract_mask(
     for name, a, b in adapter_factors(adapter_dir):
         for part in parts:
             key = entry_name(name, part)
-            shape = {"delta_w": (b.shape[0], a.shape[1]), "A": tuple(a.shape), "B": tuple(b.shape)}[part]
+            shape = part_shape(a, b, part)
             if kind == "topk":
                 with torch.no_grad():
                     if part == "delta_w":
@@ -244,18 +249,15 @@ def _exact_float32():
         torch.set_float32_matmul_precision(precision)
 
 
-def _entry_sha(idx: torch.Tensor) -> str:
-    return hashlib.sha256(idx.to(torch.int32).contiguous().cpu().numpy().tobytes()).hexdigest()
-
-
 def mask_digest(mask: Mask) -> dict[str, Any]:
     """A mask's fingerprint: sha256 over its entries' names and int32 indices in entry order, and
     per entry its size and the first 16 hex digits of its own sha256 (to name where a drift is)."""
     whole = hashlib.sha256()
     entries = {}
     for name, idx in mask.indices.items():
-        whole.update(name.encode() + b"\0" + idx.to(torch.int32).contiguous().cpu().numpy().tobytes())
-        entries[name] = [int(idx.numel()), _entry_sha(idx)[:16]]
+        raw = idx.to(torch.int32).contiguous().cpu().numpy().tobytes()
+        whole.update(name.encode() + b"\0" + raw)
+        entries[name] = [int(idx.numel()), hashlib.sha256(raw).hexdigest()[:16]]
     return {"sha256": whole.hexdigest(), "entries": entries}
 
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from sefe_core.adapters import LoraFactors
-from sefe_core.mask import DEFAULT_TARGET, Mask, entry_name, load_mask, target_parts
+from sefe_core.mask import DEFAULT_TARGET, Mask, entry_name, load_mask, part_shape, target_parts
 
 
 @dataclass
@@ -117,11 +117,6 @@ def factor_abs_mean(t: torch.Tensor, index: MultisetIndex) -> torch.Tensor:
     return total / index.size
 
 
-def entry_shape(f: LoraFactors, part: str) -> tuple[int, int]:
-    """The shape of the matrix a mask entry of `part` indexes: ΔW, A (r x in) or B (out x r)."""
-    return {"delta_w": f.shape, "A": tuple(f.a.shape), "B": tuple(f.b.shape)}[part]
-
-
 def dense_abs_mean(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """mean |B @ A| over all entries of one module (the `l1` control)."""
     return _DenseAbsSum.apply(a, b) / (b.shape[0] * a.shape[1])
@@ -201,7 +196,7 @@ def masked_regularizer(
     index = {}
     for f in factors:
         for part in target_parts(target):
-            key, shape = entry_name(f.name, part), entry_shape(f, part)
+            key, shape = entry_name(f.name, part), part_shape(f.a, f.b, part)
             per_task = []
             for w, m in zip(where, loaded, strict=True):
                 if key not in m.indices:

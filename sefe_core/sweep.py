@@ -32,6 +32,7 @@ SEED_AXIS = "seed"
 SEED_FIELDS = ("benchmark.minicoin.seed", "train.seed", "asd.seed")
 INDEX_DIR = ".shared-steps"  # the sweep's index of finished steps (tasks/caching.py)
 REPORT_DIR = "report"
+OUTCOMES = ("run", "reused", "shared")  # a step ran, was a cache hit, was a hit from another point
 METRICS = ("MFT", "MFN", "MAA", "BWT")
 
 
@@ -228,6 +229,11 @@ def _rows_table(rows: Sequence[dict[str, Any]]) -> str:
     return md_table(list(rows[0]), [[cell(v) for v in r.values()] for r in rows])
 
 
+def step_totals(steps: Mapping[str, Mapping[str, Any]]) -> dict[str, int]:
+    """Steps run / reused / shared over every point."""
+    return {k: sum(s.get(k, 0) for s in steps.values()) for k in OUTCOMES}
+
+
 def write_report(sweep_dir: Path, axes: Mapping[str, Sequence[Any]], points: Sequence[SweepPoint],
                  metrics_paths: Sequence[str | Path], steps: Mapping[str, Mapping[str, int]]) -> Path:  # fmt: skip
     """`<sweep dir>/report/`: sweep.md (the table, the plots, the step counts), points.parquet
@@ -247,8 +253,8 @@ def write_report(sweep_dir: Path, axes: Mapping[str, Sequence[Any]], points: Seq
         name = f"axis-{re.sub(r'[^A-Za-z0-9._-]', '-', axis)}.png"
         save_png(_axis_figure(rows, axes, axis), out / name)
         plots.append((axis, name))
-    total = {k: sum(s.get(k, 0) for s in steps.values()) for k in ("run", "reused", "shared")}
-    step_rows = [{"point": p.name, **{k: steps[p.name].get(k, 0) for k in ("run", "reused", "shared", "seconds")}}
+    total = step_totals(steps)
+    step_rows = [{"point": p.name, **{k: steps[p.name].get(k, 0) for k in (*OUTCOMES, "seconds")}}
                  for p in points]  # fmt: skip
     by_step = {p.name: steps[p.name].get("by_step", {}) for p in points}
     md = [
