@@ -12,7 +12,8 @@ from sefe_core.hashing import config_hash
 # Bump when the builder or the pre-training mix changes: it is part of the cache key.
 # 3: byte alphabet in the vocabulary, vision pre-training, instruction mix in every style.
 # 4: LLaVA's referring-expression box prompt in the mix.
-BUILDER_VERSION = 4
+# 5: `pretrain_box_share`, 100k instruction samples (box questions 40% of those on objects).
+BUILDER_VERSION = 5
 SHIPPED = Path(__file__).parent / "assets" / "tiny-llava"
 REBUILD_COMMAND = "sefe build-base --out sefe_core/assets/tiny-llava"
 
@@ -35,7 +36,8 @@ class TinyVLMConfig:
     vision_steps: int = 1500  # stage 1: the vision tower on dense labels
     vision_batch: int = 64
     vision_lr: float = 2e-3
-    pretrain_samples: int = 60_000  # stage 2: generic instructions
+    pretrain_samples: int = 100_000  # stage 2: generic instructions
+    pretrain_box_share: float = 0.4  # stage 2: share of questions on objects asking for a box
     pretrain_heldout: int = 500
     pretrain_epochs: int = 1
     pretrain_lr: float = 1e-3
@@ -48,7 +50,7 @@ class TinyVLMConfig:
         positive = [
             k
             for k, v in asdict(self).items()
-            if k not in ("seed", "use_shipped", "pretrain_heldout") and v <= 0
+            if k not in ("seed", "use_shipped", "pretrain_heldout", "pretrain_box_share") and v <= 0
         ]
         if positive:
             raise ValueError(f"must be positive: {', '.join(f'{k}={getattr(self, k)}' for k in positive)}")
@@ -63,6 +65,8 @@ class TinyVLMConfig:
         infinite = [k for k, v in asdict(self).items() if isinstance(v, float) and not math.isfinite(v)]
         if infinite:
             raise ValueError(f"must be finite: {', '.join(infinite)}")
+        if not 0.0 <= self.pretrain_box_share <= 1.0:
+            raise ValueError(f"pretrain_box_share must be in [0, 1] (got {self.pretrain_box_share})")
         if self.pretrain_heldout < 1:
             raise ValueError(f"pretrain_heldout must be at least 1 (got {self.pretrain_heldout})")
 

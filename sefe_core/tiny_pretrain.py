@@ -12,7 +12,7 @@ suffixes). The tiny model gets both, in miniature and in two stages:
 2. **Instruction pre-training** (`instruction_mix`, run by `tiny_vlm` with Trainer, vision tower
    frozen as in LLaVA): generic questions about the same kinds of pictures in every answer style
    (short, yes/no, lettered options, boxes, a brief explanation), each with the style's
-   instruction. The wording is not a MiniCoIN task's, and task knowledge (which cover colour is
+   instruction; box questions are drawn more often than the rest (`pretrain_box_share`). The wording is not a MiniCoIN task's, and task knowledge (which cover colour is
    which genre, what a blurred photo should get, the ScienceQA context line)
    is never shown: each task still has something to learn from its own data. (The one prompt it
    shares with a task is LLaVA-1.5's referring-expression prompt, which real LLaVA learned from
@@ -313,8 +313,15 @@ def _drill(rng: np.random.Generator) -> tuple[str, str, str]:
     return "drill", f"Repeat after me: {a}", a
 
 
-def instruction_mix(n: int, seed: int, drill_share: float = 0.08) -> list[PretrainSample]:
-    """`n` generic samples over MiniCoIN-like pictures, worded unlike any task prompt."""
+def instruction_mix(
+    n: int, seed: int, drill_share: float = 0.08, box_share: float = 0.0
+) -> list[PretrainSample]:
+    """`n` generic samples over MiniCoIN-like pictures, worded unlike any task prompt.
+
+    `box_share`: the share of questions on pictures with objects that ask for a box. Drawn
+    uniformly, a box is one candidate among ~10, and the finest skill the mix teaches gets the
+    fewest samples: reading a box out of the patch features takes tens of thousands of them
+    (BENCHMARKS.md, "Base variants")."""
     rng = np.random.default_rng(stable_seed("pretrain", seed))
     out = []
     for _ in range(n):
@@ -323,6 +330,9 @@ def instruction_mix(n: int, seed: int, drill_share: float = 0.08) -> list[Pretra
             kind, q, a = _drill(rng)
         else:
             cands = _questions(p, rng)
+            boxes = [c for c in cands if c[0] == "box"]
+            if boxes and box_share > 0 and rng.random() < box_share:
+                cands = boxes
             kind, q, a = cands[int(rng.integers(len(cands)))]
         out.append(PretrainSample(p.image, q, a, kind))
     return out

@@ -336,7 +336,12 @@ def _instruction_pretrain(
 ) -> tuple[float, float, float]:  # fmt: skip
     """Stage 2 with Trainer: projector + language model on the instruction mix, the vision tower
     frozen (as LLaVA-1.5 trains). Returns held-out loss before, after, and the seconds."""
-    mix = [s.as_dict() for s in instruction_mix(cfg.pretrain_samples + cfg.pretrain_heldout, cfg.seed)]
+    mix = [
+        s.as_dict()
+        for s in instruction_mix(
+            cfg.pretrain_samples + cfg.pretrain_heldout, cfg.seed, box_share=cfg.pretrain_box_share
+        )
+    ]
     train, heldout = mix[: cfg.pretrain_samples], mix[cfg.pretrain_samples :]
     collator = VLMCollator(processor)
     before = heldout_loss(model, collator, heldout)

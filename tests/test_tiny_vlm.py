@@ -116,7 +116,7 @@ def test_shipped_base_reads_its_images() -> None:
 
     model, processor = load_vlm(SHIPPED)
     got = probe(model, processor, n_per_kind=100, seed=7)
-    # shipped build: colour 72, shape 67, position 49, count 92, sign 100, box 47 (%)
+    # shipped build: colour 76, shape 63, position 49, count 90, sign 100, box 63 (%)
     for kind, v in got.items():
         assert v["accuracy"] >= v["chance"] + 0.1, (kind, v)
     assert sum(v["accuracy"] - v["chance"] for v in got.values()) / len(got) >= 0.3, got
@@ -154,3 +154,21 @@ def test_tokenizer_can_spell_any_json(small_run) -> None:
 
     assert set(pre_tokenizers.ByteLevel.alphabet()) <= set(vocab)
     assert all(c in vocab for c in '{"a":[1]}') and "Ġ" in vocab  # Ġ: a space, byte-level
+
+
+# ---- what the pre-training data teaches ------------------------------------------------------
+def test_box_share_sets_the_share_of_box_questions() -> None:
+    """`box_share` of the questions on pictures with objects (60% of the pictures) ask for a box,
+    and 0 leaves the mix as it was."""
+    from sefe_core.tiny_pretrain import instruction_mix
+
+    def share(box_share: float) -> float:
+        mix = instruction_mix(2000, seed=3, box_share=box_share)
+        return sum(s.kind == "box" for s in mix) / len(mix)
+
+    plain, boxed = share(0.0), share(0.4)
+    assert plain < 0.15  # one candidate among ~10 on pictures with objects
+    assert 0.25 < boxed < 0.4 and boxed > 2 * plain, (plain, boxed)
+    assert [s.question for s in instruction_mix(50, seed=3)] == [
+        s.question for s in instruction_mix(50, seed=3, box_share=0.0)
+    ]
