@@ -27,7 +27,7 @@ def _scores(preds) -> tuple[float, float, float]:
 
 
 @pytest.mark.slow
-# ScienceQA and Grounding are not here: the demo does not learn them well (README, "The demo")
+# ScienceQA and Grounding are not here: the demo does not learn them to 40% (README, "The demo")
 @pytest.mark.parametrize("task", ["08-ocrvqa", "03-imagenet"])
 def test_one_task_learns_far_above_zero_shot(tmp_path: Path, task: str) -> None:
     spec = task_spec("minicoin", task)
