@@ -9,23 +9,34 @@ suffixes). The tiny model gets both, in miniature and in two stages:
    the sign word drawn there, and the cell's row and column. Dense labels teach *where* things
    are (boxes and quadrants need it), not only what; the row/column targets keep each patch's
    position in the features the language model reads.
-2. **Instruction pre-training** (`instruction_mix`, run by `tiny_vlm` with Trainer, vision tower
-   frozen as in LLaVA): generic questions about the same kinds of pictures in every answer style
-   (short, yes/no, lettered options, boxes, a brief explanation), each with the style's
-   instruction; box questions are drawn more often than the rest (`pretrain_box_share`). The wording is not a MiniCoIN task's, and task knowledge (which cover colour is
-   which genre, what a blurred photo should get, the ScienceQA context line)
-   is never shown: each task still has something to learn from its own data. (The one prompt it
-   shares with a task is LLaVA-1.5's referring-expression prompt, which real LLaVA learned from
-   RefCOCO before CoIN; its MiniCoIN Grounding task still differs in its 2-3 object scenes.)
+2. **Instruction pre-training** (run by `tiny_vlm` with Trainer, vision tower frozen as in
+   LLaVA): generic questions about the same kinds of pictures in every answer style (short,
+   yes/no, lettered options, boxes, a brief explanation), each with the style's instruction, as
+   a curriculum of phases (`CURRICULUM`). A uniform mix of everything does not teach the two
+   compositions the tasks need (BENCHMARKS.md, "A curriculum for the tiny base"): the language
+   model learns to name the colour of *the* object in a one-object picture but not of one
+   object among several (binding), and never learns to find the option that says the answer
+   and emit its letter (look-up) when that skill competes with everything else from the start.
+   So the phases add, one at a time, (a) binding and box questions about one of 2-4 objects,
+   (b) a text-only look-up drill ("Which option says red?"), (c) lettered options on pictures,
+   easy ones (one object, a cover, two signs) first. Every phase keeps a share of the earlier
+   ones so that nothing learnt before is forgotten.
 
-`probe` measures stage 2 on held-out generic questions (colour, shape, position, count, sign word)
-against chance, so a base that does not read its images shows it at build time.
+The wording is not a MiniCoIN task's, and task knowledge (which cover colour is which genre,
+what a blurred photo should get, the ScienceQA context line) is never shown: each task still
+has something to learn from its own data. (The one prompt it shares with a task is LLaVA-1.5's
+referring-expression prompt, which real LLaVA learned from RefCOCO before CoIN; so the base
+grounds objects before MiniCoIN's Grounding task, as LLaVA-1.5 does before CoIN's.)
+
+`probe` measures stage 2 on held-out generic questions (colour, shape, position, count, sign
+word, box, lettered options) against chance, so a base that does not read its images shows it
+at build time.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -214,6 +225,7 @@ class PretrainSample:
     question: str
     answer: str
     kind: str = ""  # the question kind (probe groups by it)
+    family: str = "generic"  # the curriculum family it was drawn for (FAMILIES)
 
     def as_dict(self) -> dict[str, Any]:
         return {"image": self.image, "question": self.question, "answer": self.answer}
@@ -292,11 +304,14 @@ def _questions(p: Picture, rng: np.random.Generator) -> list[tuple[str, str, str
             ("sign_word", _short(f"Read the word on the {sg['side']} sign."), sg["word"]),
             ("colour", _short(f"Which colour is the {sg['side']} sign?"), sg["color"]),
             ("mcq", *_mcq(rng, f"Which word is on the {sg['color']} sign?", sg["word"], list(SIGN_WORDS))),
+            ("mcq", *_mcq(rng, f"Which word is on the {sg['side']} sign?", sg["word"], list(SIGN_WORDS))),
         ]
     if p.kind == "cover":
         out += [
             ("colour", _short("Which colour is the cover of this book?"), p.cover["color"]),
             ("shape", _short("Name the shape drawn on the cover."), p.cover["shape"]),
+            ("mcq", *_mcq(rng, "Which colour is the cover of this book?", p.cover["color"], COLOR_NAMES)),
+            ("mcq", *_mcq(rng, "Which shape is drawn on the cover?", p.cover["shape"], list(SHAPES))),
         ]
     return out
 
@@ -313,34 +328,133 @@ def _drill(rng: np.random.Generator) -> tuple[str, str, str]:
     return "drill", f"Repeat after me: {a}", a
 
 
-def instruction_mix(
-    n: int, seed: int, drill_share: float = 0.08, box_share: float = 0.0
-) -> list[PretrainSample]:
-    """`n` generic samples over MiniCoIN-like pictures, worded unlike any task prompt.
+def generic_sample(
+    rng: np.random.Generator, box_share: float = 0.0, drill_share: float = 0.08
+) -> PretrainSample:
+    """One generic sample: a picture and one of its questions, drawn uniformly, or a drill.
 
     `box_share`: the share of questions on pictures with objects that ask for a box. Drawn
     uniformly, a box is one candidate among ~10, and the finest skill the mix teaches gets the
     fewest samples: reading a box out of the patch features takes tens of thousands of them
     (BENCHMARKS.md, "Base variants")."""
+    p = random_picture(rng)
+    if rng.random() < drill_share:
+        kind, q, a = _drill(rng)
+    else:
+        cands = _questions(p, rng)
+        boxes = [c for c in cands if c[0] == "box"]
+        if boxes and box_share > 0 and rng.random() < box_share:
+            cands = boxes
+        kind, q, a = cands[int(rng.integers(len(cands)))]
+    return PretrainSample(p.image, q, a, kind)
+
+
+def instruction_mix(
+    n: int, seed: int, drill_share: float = 0.08, box_share: float = 0.0
+) -> list[PretrainSample]:
+    """`n` generic samples over MiniCoIN-like pictures, worded unlike any task prompt."""
     rng = np.random.default_rng(stable_seed("pretrain", seed))
-    out = []
-    for _ in range(n):
+    return [generic_sample(rng, box_share, drill_share) for _ in range(n)]
+
+
+def _crowded(p: Picture) -> bool:
+    """Several objects: a question about one of them has to find it first (binding)."""
+    return p.kind == "scene" and len(p.objects) >= 2
+
+
+def _about_picture(rng: np.random.Generator, kinds: set[str], crowded: bool | None) -> PretrainSample:
+    """A question of one of `kinds` about a picture with several objects (crowded=True), with one
+    thing to look at (False: one object, a cover, two signs) or any (None)."""
+    while True:
         p = random_picture(rng)
-        if rng.random() < drill_share:
-            kind, q, a = _drill(rng)
-        else:
-            cands = _questions(p, rng)
-            boxes = [c for c in cands if c[0] == "box"]
-            if boxes and box_share > 0 and rng.random() < box_share:
-                cands = boxes
+        if crowded is not None and _crowded(p) != crowded:
+            continue
+        cands = [c for c in _questions(p, rng) if c[0] in kinds]
+        if cands:
             kind, q, a = cands[int(rng.integers(len(cands)))]
-        out.append(PretrainSample(p.image, q, a, kind))
-    return out
+            return PretrainSample(p.image, q, a, kind)
+
+
+def lookup_drill(rng: np.random.Generator) -> PretrainSample:
+    """Text only: "Which option says red?" over lettered options -> the letter. The look-up
+    circuit that lettered options on a picture need, without having to read the picture."""
+    pool = [*COLOR_NAMES, *SHAPES, *QUADRANTS, *SIGN_WORDS]
+    word = pool[int(rng.integers(len(pool)))]
+    question, letter = _mcq(rng, f"Which option says {word}?", word, pool)
+    return PretrainSample(None, question, letter, "lookup")
+
+
+# family -> a sample of it (box_share applies to the generic family only)
+FAMILIES: dict[str, Callable[[np.random.Generator, float], PretrainSample]] = {
+    "generic": lambda rng, box_share: generic_sample(rng, box_share),
+    # a short answer about one of 2-4 objects: its colour, its shape, its quadrant
+    "binding": lambda rng, _: _about_picture(rng, {"colour", "shape", "position"}, crowded=True),
+    # the box of one of 2-4 objects
+    "boxes": lambda rng, _: _about_picture(rng, {"box"}, crowded=True),
+    "lookup": lambda rng, _: lookup_drill(rng),
+    # lettered options where the answer is easy to see, then on any picture
+    "choice_easy": lambda rng, _: _about_picture(rng, {"mcq"}, crowded=False),
+    "choice": lambda rng, _: _about_picture(rng, {"mcq"}, crowded=None),
+}
+
+
+@dataclass(frozen=True)
+class Phase:
+    """One phase of the instruction pre-training: a mix of families, at `lr_scale` x the
+    configured learning rate. Each phase is one Trainer run (its own warm-up and cosine decay)."""
+
+    name: str
+    mix: dict[str, float]
+    lr_scale: float = 1.0
+
+
+# The order matters (BENCHMARKS.md, "A curriculum for the tiny base"): binding, the look-up and
+# lettered options learnt all at once stay at chance for thousands of steps; learnt in this order
+# each takes a phase. Every phase keeps a share of the earlier ones.
+CURRICULUM: tuple[Phase, ...] = (
+    Phase("see", {"generic": 1.0}),
+    Phase("bind", {"generic": 0.6, "binding": 0.25, "boxes": 0.15}),
+    Phase("look-up", {"lookup": 0.7, "generic": 0.15, "binding": 0.15}),
+    Phase(
+        "choose",
+        {"choice_easy": 0.3, "choice": 0.2, "lookup": 0.1, "generic": 0.15, "binding": 0.15, "boxes": 0.1},
+        lr_scale=0.5,
+    ),  # fmt: skip
+)
+
+
+class PhaseData(torch.utils.data.Dataset):
+    """`n` samples of a phase's mix. Sample i is drawn from its own seed, so nothing is held in
+    memory and it is the same whatever order Trainer asks for it in."""
+
+    def __init__(self, phase: Phase, n: int, seed: int, box_share: float, stream: str = "train"):
+        self.phase, self.n, self.box_share = phase, n, box_share
+        self.seed = stable_seed(f"pretrain-{stream}-{phase.name}", seed)
+        self.families = list(phase.mix)
+        weights = np.array([phase.mix[f] for f in self.families], dtype=float)
+        self.weights = weights / weights.sum()
+
+    def __len__(self) -> int:
+        return self.n
+
+    def sample(self, i: int) -> PretrainSample:
+        if not 0 <= i < self.n:
+            raise IndexError(i)
+        rng = np.random.default_rng([self.seed, i])
+        family = self.families[int(rng.choice(len(self.families), p=self.weights))]
+        return replace(FAMILIES[family](rng, self.box_share), family=family)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return self.sample(i).as_dict()
 
 
 # probe kind -> chance of a uniform guess ("box": IoU > 0.5 with the true box; no fair guess, 0)
+# ("options": lettered options on any picture, 2-4 of them: chance is the mean of 1/2, 1/3, 1/4)
 PROBE_KINDS = {"colour": 1 / len(COLORS), "shape": 1 / len(SHAPES), "position": 1 / len(QUADRANTS),
-               "count": 1 / 4, "sign_word": 1 / len(SIGN_WORDS), "box": 0.0}  # fmt: skip
+               "count": 1 / 4, "sign_word": 1 / len(SIGN_WORDS), "box": 0.0,
+               "options": (1 / 2 + 1 / 3 + 1 / 4) / 3}  # fmt: skip
+# the generic question kind each probe kind is drawn from
+_PROBE_SOURCE = {"options": "mcq"}
 
 
 def probe_samples(n_per_kind: int, seed: int) -> dict[str, list[PretrainSample]]:
@@ -350,6 +464,7 @@ def probe_samples(n_per_kind: int, seed: int) -> dict[str, list[PretrainSample]]
     while any(len(v) < n_per_kind for v in out.values()):
         p = random_picture(rng)
         for kind, q, a in _questions(p, rng):
+            kind = next((k for k, src in _PROBE_SOURCE.items() if src == kind), kind)
             if kind in out and len(out[kind]) < n_per_kind:
                 out[kind].append(PretrainSample(p.image, q, a, kind))
                 break

@@ -49,8 +49,8 @@ from sefe_core.progress import RichProgressCallback, step_progress
 from sefe_core.registry import benchmark_tasks
 from sefe_core.scenes import COLORS, SHAPES, answer_vocabulary
 from sefe_core.tiny_config import BUILDER_VERSION, REBUILD_COMMAND, SHIPPED, BaseModel, TinyVLMConfig
-from sefe_core.tiny_pretrain import instruction_mix, pretrain_vision, probe
-from sefe_core.vlm import SampleDataset, VLMCollator, load_vlm, save_vlm
+from sefe_core.tiny_pretrain import CURRICULUM, FAMILIES, PhaseData, instruction_mix, pretrain_vision, probe
+from sefe_core.vlm import VLMCollator, load_vlm, save_vlm
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +119,10 @@ def corpus_texts(n_per_task: int = 300) -> list[str]:
             _, q, a, _ = get_kind(spec.scorer).generate(rng)
             texts += [q, " " + a]
     texts += [s.question + " " + s.answer for s in instruction_mix(3000, seed=12345)]
+    rng = np.random.default_rng(stable_seed("tokenizer-corpus", "families"))
+    texts += [
+        s.question + " " + s.answer for f in FAMILIES.values() for s in (f(rng, 0.4) for _ in range(300))
+    ]
     texts += asd_sample_texts()  # every word ASD's rules and style instructions write
     words = answer_vocabulary() + list(COLORS) + list(SHAPES) + [str(i) for i in range(101)]
     words += [f"{i:02d}" for i in range(100)] + list("[],.?:;'\"()-!ABCDE")
@@ -300,7 +304,7 @@ def build_tiny_vlm(
                 model, processor, cfg.vision_steps, cfg.vision_batch, cfg.vision_lr, cfg.seed, vision_step
             )
         vision_seconds = time.perf_counter() - t0
-        before, after, trainer_seconds = _instruction_pretrain(
+        before, after, trainer_seconds, phases = _instruction_pretrain(
             model, processor, cfg, out / "trainer", progress
         )
         probe_acc = probe(model, processor)
@@ -321,6 +325,7 @@ def build_tiny_vlm(
             "probe": probe_acc,
             "vision_seconds": vision_seconds,
             "instruction_seconds": trainer_seconds,
+            "instruction_phases": phases,
             "pretrain_seconds": time.perf_counter() - t0,
             "parameters": sum(p.numel() for p in model.parameters()),
             "torch": torch.__version__,
@@ -333,56 +338,64 @@ def build_tiny_vlm(
 def _instruction_pretrain(
     model: LlavaForConditionalGeneration, processor: LlavaProcessor, cfg: TinyVLMConfig, work: Path,
     progress: Callable[[str, int, int], None] | None,
-) -> tuple[float, float, float]:  # fmt: skip
-    """Stage 2 with Trainer: projector + language model on the instruction mix, the vision tower
-    frozen (as LLaVA-1.5 trains). Returns held-out loss before, after, and the seconds."""
-    mix = [
-        s.as_dict()
-        for s in instruction_mix(
-            cfg.pretrain_samples + cfg.pretrain_heldout, cfg.seed, box_share=cfg.pretrain_box_share
-        )
-    ]
-    train, heldout = mix[: cfg.pretrain_samples], mix[cfg.pretrain_samples :]
+) -> tuple[float, float, float, list[dict[str, Any]]]:  # fmt: skip
+    """Stage 2 with Trainer, one run per curriculum phase (`CURRICULUM`): projector + language
+    model, the vision tower frozen (as LLaVA-1.5 trains). Returns the held-out loss (generic
+    questions) before and after, the seconds, and a record per phase."""
+    sizes = dict(
+        zip([p.name for p in CURRICULUM], (cfg.pretrain_samples, *cfg.curriculum_samples), strict=True)
+    )
+    batches = {name: math.ceil(n / cfg.pretrain_batch) * cfg.pretrain_epochs for name, n in sizes.items()}
+    total, done = sum(batches.values()), 0
+    heldout_data = PhaseData(CURRICULUM[0], cfg.pretrain_heldout, cfg.seed, cfg.pretrain_box_share, "heldout")
+    heldout = [heldout_data[i] for i in range(len(heldout_data))]
     collator = VLMCollator(processor)
     before = heldout_loss(model, collator, heldout)
     for p in model.model.vision_tower.parameters():
         p.requires_grad_(False)
-    steps = math.ceil(cfg.pretrain_samples / cfg.pretrain_batch) * cfg.pretrain_epochs
-    args = TrainingArguments(
-        output_dir=str(work),
-        per_device_train_batch_size=cfg.pretrain_batch,
-        num_train_epochs=cfg.pretrain_epochs,
-        learning_rate=cfg.pretrain_lr,
-        lr_scheduler_type="cosine",
-        warmup_steps=max(1, int(0.03 * steps)),
-        weight_decay=0.0,
-        logging_steps=25,
-        disable_tqdm=True,
-        save_strategy="no",
-        report_to=[],
-        seed=cfg.seed,
-        data_seed=cfg.seed,
-        dataloader_num_workers=0,
-        remove_unused_columns=False,
-        use_cpu=not torch.cuda.is_available(),
-    )
-    callbacks: list[Any] = [RichProgressCallback("pre-training tiny LLaVA: instructions")]
-    if progress is not None:
-        callbacks.append(step_progress(lambda d, t: progress("instructions", d, t)))
-    t0 = time.perf_counter()
-    trainer = Trainer(
-        model=model,
-        args=args,
-        train_dataset=SampleDataset(train),
-        data_collator=collator,
-        callbacks=callbacks,
-    )
-    trainer.remove_callback(PrinterCallback)  # the progress bar shows the loss instead
-    trainer.train()
+    t0, record = time.perf_counter(), []
+    for i, phase in enumerate(CURRICULUM):
+        if sizes[phase.name] == 0:
+            continue
+        t_phase = time.perf_counter()
+        data = PhaseData(phase, sizes[phase.name], cfg.seed, cfg.pretrain_box_share)
+        args = TrainingArguments(
+            output_dir=str(work / phase.name),
+            per_device_train_batch_size=cfg.pretrain_batch,
+            num_train_epochs=cfg.pretrain_epochs,
+            learning_rate=cfg.pretrain_lr * phase.lr_scale,
+            lr_scheduler_type="cosine",
+            warmup_steps=max(1, int(0.03 * batches[phase.name])),
+            weight_decay=0.0,
+            logging_steps=25,
+            disable_tqdm=True,
+            save_strategy="no",
+            report_to=[],
+            seed=cfg.seed,
+            data_seed=cfg.seed,
+            dataloader_num_workers=0,
+            remove_unused_columns=False,
+            use_cpu=not torch.cuda.is_available(),
+        )
+        label = f"pre-training tiny LLaVA: instructions, phase {i + 1}/{len(CURRICULUM)} ({phase.name})"
+        callbacks: list[Any] = [RichProgressCallback(label)]
+        if progress is not None:  # one bar over all phases: the phases are one stage to a user
+            callbacks.append(step_progress(lambda d, t, off=done: progress("instructions", off + d, total)))
+        trainer = Trainer(
+            model=model, args=args, train_dataset=data, data_collator=collator, callbacks=callbacks
+        )  # fmt: skip
+        trainer.remove_callback(PrinterCallback)  # the progress bar shows the loss instead
+        out = trainer.train()
+        done += batches[phase.name]
+        record.append({
+            "phase": phase.name, "mix": phase.mix, "samples": sizes[phase.name], "steps": out.global_step,
+            "learning_rate": args.learning_rate, "train_loss": out.training_loss,
+            "seconds": time.perf_counter() - t_phase,
+        })  # fmt: skip
     seconds = time.perf_counter() - t0
     for p in model.model.vision_tower.parameters():
         p.requires_grad_(True)
-    return before, heldout_loss(model, collator, heldout), seconds
+    return before, heldout_loss(model, collator, heldout), seconds, record
 
 
 __all__ = [

@@ -28,6 +28,7 @@ SMALL = [
     "benchmark.minicoin.n_train=24",
     "benchmark.minicoin.n_test=6",
     "model.tiny.pretrain_samples=1600",
+    "model.tiny.curriculum_samples=[320,160,320]",
     "model.tiny.pretrain_heldout=64",
     "model.tiny.pretrain_epochs=1",
     "model.tiny.vision_steps=60",

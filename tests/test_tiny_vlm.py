@@ -116,7 +116,7 @@ def test_shipped_base_reads_its_images() -> None:
 
     model, processor = load_vlm(SHIPPED)
     got = probe(model, processor, n_per_kind=100, seed=7)
-    # shipped build: colour 76, shape 63, position 49, count 90, sign 100, box 63 (%)
+    # shipped build (builder 6): colour 72, shape 95, position 78, count 91, sign 100, box 73, options 68 (%)
     for kind, v in got.items():
         assert v["accuracy"] >= v["chance"] + 0.1, (kind, v)
     assert sum(v["accuracy"] - v["chance"] for v in got.values()) / len(got) >= 0.3, got
@@ -172,3 +172,53 @@ def test_box_share_sets_the_share_of_box_questions() -> None:
     assert [s.question for s in instruction_mix(50, seed=3)] == [
         s.question for s in instruction_mix(50, seed=3, box_share=0.0)
     ]
+
+
+def test_curriculum_phases_draw_the_families_they_name() -> None:
+    """Each phase of stage 2 draws its families in the shares it names, each family asks what it
+    is for, and a sample is the same whatever order Trainer asks for it in (it has its own seed)."""
+    from collections import Counter
+
+    from sefe_core.scenes import LETTERS
+    from sefe_core.tiny_pretrain import CURRICULUM, PhaseData
+
+    kinds = {"binding": {"colour", "shape", "position"}, "boxes": {"box"}, "lookup": {"lookup"},
+             "choice_easy": {"mcq"}, "choice": {"mcq"}}  # fmt: skip
+    assert [p.name for p in CURRICULUM] == ["see", "bind", "look-up", "choose"]
+    for phase in CURRICULUM:
+        data = PhaseData(phase, 1200, seed=0, box_share=0.4)
+        samples = [data.sample(i) for i in range(len(data))]
+        counts = Counter(s.family for s in samples)
+        for family, share in phase.mix.items():
+            assert abs(counts[family] / len(samples) - share) < 0.05, (phase.name, family, counts)
+        for s in samples:
+            assert s.family == "generic" or s.kind in kinds[s.family], (phase.name, s)
+            if s.family == "lookup":  # text only, and the letter names the option that says the word
+                word = s.question.split("\n")[0].removeprefix("Which option says ").removesuffix("?")
+                assert s.image is None and s.answer in LETTERS
+                assert f"\n{s.answer}. {word}\n" in s.question, s.question
+            else:
+                assert s.image is not None
+        again = PhaseData(phase, 1200, seed=0, box_share=0.4)
+        for i in (7, 3, 1199):  # out of order, from another instance
+            a, b = again.sample(i), samples[i]
+            assert (a.question, a.answer, a.image.tobytes() if a.image else None) == (
+                b.question, b.answer, b.image.tobytes() if b.image else None)  # fmt: skip
+        other_seed = PhaseData(phase, 50, seed=1, box_share=0.4)
+        assert [other_seed.sample(i).question for i in range(50)] != [s.question for s in samples[:50]]
+
+
+def test_build_record_lists_the_curriculum_phases(small_run) -> None:
+    """pretrain.json says how many steps each phase ran, at which learning rate, on which mix."""
+    import math
+
+    cfg, _, base = small_run
+    info = json.loads((base.path / "pretrain.json").read_text())
+    tiny = cfg.model.tiny
+    sizes = [tiny.pretrain_samples, *tiny.curriculum_samples]
+    phases = info["instruction_phases"]
+    assert [p["phase"] for p in phases] == ["see", "bind", "look-up", "choose"]
+    assert [p["steps"] for p in phases] == [math.ceil(n / tiny.pretrain_batch) for n in sizes]
+    assert [p["learning_rate"] for p in phases] == [tiny.pretrain_lr] * 3 + [tiny.pretrain_lr / 2]
+    assert all(math.isfinite(p["train_loss"]) for p in phases)
+    assert "options" in info["probe"]
