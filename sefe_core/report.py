@@ -372,7 +372,10 @@ def _comparison_forgetting_figure(reports: Sequence[MethodReport]) -> Figure:
                 transform=right.get_xaxis_transform(),
             )  # fmt: skip
     right.set_xticks(np.arange(len(tasks)), task_labels(tasks))
-    right.tick_params(axis="x", pad=38 if n > 1 else 4)
+    # the task names go below the rotated method names: as far down as the longest one reaches
+    # (a 7 pt character is about 4.2 pt wide)
+    longest = max(len(r.method) for r in with_rows)
+    right.tick_params(axis="x", pad=8 + 4.2 * longest if n > 1 else 4)
     right.axhline(0, color="grey", lw=0.8)
     right.set_title(
         "Per task j: lost score split by the final answer (bars per method, labelled below)", fontsize=11
