@@ -428,7 +428,7 @@ class PhaseData(torch.utils.data.Dataset):
     memory and it is the same whatever order Trainer asks for it in."""
 
     def __init__(self, phase: Phase, n: int, seed: int, box_share: float, stream: str = "train"):
-        self.phase, self.n, self.box_share = phase, n, box_share
+        self.n, self.box_share = n, box_share
         self.seed = stable_seed(f"pretrain-{stream}-{phase.name}", seed)
         self.families = list(phase.mix)
         weights = np.array([phase.mix[f] for f in self.families], dtype=float)
@@ -453,8 +453,8 @@ class PhaseData(torch.utils.data.Dataset):
 PROBE_KINDS = {"colour": 1 / len(COLORS), "shape": 1 / len(SHAPES), "position": 1 / len(QUADRANTS),
                "count": 1 / 4, "sign_word": 1 / len(SIGN_WORDS), "box": 0.0,
                "options": (1 / 2 + 1 / 3 + 1 / 4) / 3}  # fmt: skip
-# the generic question kind each probe kind is drawn from
-_PROBE_SOURCE = {"options": "mcq"}
+# generic question kind -> the probe kind it is reported under, where the names differ
+_PROBE_KIND = {"mcq": "options"}
 
 
 def probe_samples(n_per_kind: int, seed: int) -> dict[str, list[PretrainSample]]:
@@ -464,7 +464,7 @@ def probe_samples(n_per_kind: int, seed: int) -> dict[str, list[PretrainSample]]
     while any(len(v) < n_per_kind for v in out.values()):
         p = random_picture(rng)
         for kind, q, a in _questions(p, rng):
-            kind = next((k for k, src in _PROBE_SOURCE.items() if src == kind), kind)
+            kind = _PROBE_KIND.get(kind, kind)
             if kind in out and len(out[kind]) < n_per_kind:
                 out[kind].append(PretrainSample(p.image, q, a, kind))
                 break
