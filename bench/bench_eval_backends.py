@@ -72,6 +72,7 @@ def main() -> int:
             times["vllm engine start"].append(float(m.group(1)))
             times["vllm generation"].append(float(m.group(2)))
             answers["hf"], answers["vllm"] = [p.prediction for p in hf], [p.prediction for p in vl]
+            ids = [p.id for p in hf]
             print(
                 f"run {r + 1}/{args.runs}: " + ", ".join(f"{k} {v[-1]:.2f} s" for k, v in times.items()),
                 flush=True,
@@ -79,6 +80,12 @@ def main() -> int:
     load_after = load_average()
     n = len(answers["hf"])
     same = sum(a == b for a, b in zip(answers["hf"], answers["vllm"], strict=True))
+    # the answers that differ, so a reader sees what kind of disagreement it is
+    differ = [
+        f"`{i}`: hf {a!r}, vllm {b!r}"
+        for i, a, b in zip(ids, answers["hf"], answers["vllm"], strict=True)
+        if a != b
+    ]
     med = medians(times)
     rows = [
         f"| {mode} | {med[mode]:.2f} | {n / med[mode]:.0f} | {med['hf'] / med[mode]:.2f}x | "
@@ -102,6 +109,7 @@ def main() -> int:
             "| backend | median s | samples/s | ratio vs hf | runs (s) |",
             "|---|---|---|---|---|",
             *rows,
+            *(["", "Answers that differ (first 5): " + "; ".join(differ[:5]) + "."] if differ else []),
         ]
     )
     publish(entry, SECTION, write=not args.no_write)

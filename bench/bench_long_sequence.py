@@ -31,6 +31,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.bench_sefe_run import sefe_run  # noqa: E402
 from bench.common import load_average, machine, publish, utc_heading  # noqa: E402
+from sefe_core.minicoin import MiniCoINConfig  # noqa: E402
 
 SECTION = "## A 16-task sequence: what mask accumulation costs (issue 17)"
 EXPERIMENT = "long-sequence"
@@ -113,7 +114,7 @@ def main() -> None:
         cmd += f" --runs-root {shlex.quote(str(a.runs_root))}"
     sizes = (
         " ".join(s for s in a.sets if "n_train" in s or "n_test" in s)
-        or "default sizes (400 train / 100 test)"
+        or f"default sizes ({MiniCoINConfig.n_train} train / {MiniCoINConfig.n_test} test)"
     )
     entry = f"""{utc_heading()}
 

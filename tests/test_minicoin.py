@@ -181,12 +181,13 @@ def test_rounds_are_validated() -> None:
 
 def test_default_benchmark_dumps_and_keys_as_before_rounds() -> None:
     """rounds=1 is not in the dump: the benchmark step's key and the benchmark directory of a
-    default config are the ones from before `rounds` existed (values pinned then)."""
+    default config are the ones from before `rounds` existed (values pinned then, when the default
+    test split had 100 samples)."""
     from sefe_core import keys
     from sefe_core.config import load_config
     from sefe_core.hashing import config_hash
 
-    cfg = load_config(None, [])
+    cfg = load_config(None, ["benchmark.minicoin.n_test=100"])
     assert cfg.model_dump(mode="json")["benchmark"]["minicoin"] == {
         "seed": 0,
         "n_train": 400,
@@ -196,7 +197,7 @@ def test_default_benchmark_dumps_and_keys_as_before_rounds() -> None:
     assert keys.digest(keys.benchmark_key(cfg, None)) == "22f88d238ec922db"
     mc = cfg.benchmark.minicoin
     assert config_hash({"name": "minicoin", "minicoin": mc.key_fields()}) == "b8f916bd3ef61e8e"
-    two = load_config(None, ["benchmark.minicoin.rounds=2"])
+    two = load_config(None, ["benchmark.minicoin.n_test=100", "benchmark.minicoin.rounds=2"])
     assert two.model_dump(mode="json")["benchmark"]["minicoin"]["rounds"] == 2
     assert two.benchmark.task_names[8:] == tuple(ROUND_2)
     assert keys.digest(keys.benchmark_key(two, None)) != "22f88d238ec922db"
