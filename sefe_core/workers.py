@@ -38,6 +38,7 @@ _lock = threading.Lock()
 _pool: ProcessPoolExecutor | None = None
 _pool_size = 0
 _queue: Any = None
+_listener: threading.Thread | None = None  # relays the workers' progress from _queue
 _latest: dict[str, tuple[int, int]] = {}
 _worker_queue: Any = None  # in a worker: where progress goes
 _stopping = threading.Event()  # set by kill(): no pool starts again in this process
@@ -93,7 +94,9 @@ def _listen(q: Any) -> None:
     while True:
         try:
             item = q.get()
-        except (EOFError, OSError, ValueError):  # the queue closed under it at interpreter exit
+        # the queue closed under it at interpreter exit (a closed connection's handle is None:
+        # TypeError from os.read); shutdown() joins this thread so that it does not come to that
+        except (EOFError, OSError, ValueError, TypeError):
             return
         if item is None:
             return
@@ -104,7 +107,7 @@ def _listen(q: Any) -> None:
 
 def start(workers: int) -> None:
     """Start (or resize) the pool now, so its workers' imports overlap other work."""
-    global _pool, _pool_size, _queue
+    global _pool, _pool_size, _queue, _listener
     if workers <= 0:
         return
     if _stopping.is_set():
@@ -117,25 +120,31 @@ def start(workers: int) -> None:
     q = ctx.Queue()
     env = {"SEFE_MAIN_PID": str(os.getpid())}  # failpoints kill the whole run, as kill -9 would
     pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(q, env))
-    threading.Thread(target=_listen, args=(q,), daemon=True, name="sefe-worker-progress").start()
+    listener = threading.Thread(target=_listen, args=(q,), daemon=True, name="sefe-worker-progress")
+    listener.start()
     for _ in range(workers):
         pool.submit(_warm)
     with _lock:
-        _pool, _pool_size, _queue = pool, workers, q
+        _pool, _pool_size, _queue, _listener = pool, workers, q, listener
     if _stopping.is_set():  # kill() ran while these were spawning
         kill()
         raise WorkerDied("the run is stopping: no new workers")
 
 
 def shutdown() -> None:
-    global _pool, _pool_size, _queue
+    global _pool, _pool_size, _queue, _listener
     with _lock:
-        pool, q = _pool, _queue
-        _pool, _pool_size, _queue = None, 0, None
+        pool, q, listener = _pool, _queue, _listener
+        _pool, _pool_size, _queue, _listener = None, 0, None, None
     if pool is not None:
         pool.shutdown(wait=True, cancel_futures=True)
     if q is not None:
         q.put(None)
+    # Wait for the listener to take the None and return. Left reading at interpreter exit (this
+    # runs from atexit), multiprocessing's own exit finalizers closed the queue under it, and a
+    # finished `sefe run` printed a traceback from this thread (CI's main job; 2 of 5 small runs).
+    if listener is not None and listener is not threading.current_thread():
+        listener.join(timeout=5.0)
 
 
 def kill() -> None:

@@ -50,3 +50,26 @@ def test_a_killed_pool_fails_its_jobs_and_starts_no_new_workers() -> None:
     r = subprocess.run([sys.executable, "-c", SCRIPT], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.strip().splitlines()[-1] == "['died', 'refused'] 0", r.stdout + r.stderr[-2000:]
+
+
+EXIT_SCRIPT = """
+import threading
+from sefe_core import workers
+from tests.test_workers import _sleep
+
+assert workers.run_job(_sleep, 0, workers=2) == 0
+workers.shutdown()
+print([t.name for t in threading.enumerate() if t.name == "sefe-worker-progress"])
+workers.run_job(_sleep, 0, workers=2)  # a pool again, left to atexit as `sefe run` leaves it
+"""
+
+
+def test_the_progress_listener_is_gone_when_the_pool_shuts_down() -> None:
+    """Left reading its queue at interpreter exit, the listener thread printed a traceback after
+    a finished run (2 of 5 cold runs) when multiprocessing's exit finalizers closed the queue."""
+    r = subprocess.run(
+        [sys.executable, "-c", EXIT_SCRIPT], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.strip().splitlines()[-1] == "[]", r.stdout
+    assert "Exception in thread" not in r.stderr and "Traceback" not in r.stderr, r.stderr[-3000:]
