@@ -33,9 +33,9 @@ def _minicoin_tasks(rounds: int = 1) -> tuple[str, ...]:
 @dataclass(frozen=True)
 class MiniCoINConfig:
     """Sizes of the embedded default: enough training for each task to be learned (75 optimizer
-    steps of the minicoin preset), 300 test samples per task (a binomial standard deviation of at
-    most 2.9 points per task score; 100 gave 5), and `sefe
-    run` (six methods x eight tasks, evaluated after each task) within 6 minutes on 2 CPU cores.
+    steps of the minicoin preset), 300 test samples per task (a task score's binomial standard
+    deviation is at most 2.9 points; 100 gave 5), and `sefe run` (six methods x eight tasks,
+    evaluated after each task) within 6 minutes on 2 CPU cores.
 
     `rounds` > 1 runs the eight kinds again, as tasks of their own: rounds=2 is a 16-task sequence
     `01-scienceqa` .. `08-ocrvqa`, `09-scienceqa` .. `16-ocrvqa` (fresh seeds; ScienceQA and
