@@ -171,6 +171,13 @@ def _split_bars(
     )
 
 
+def _headroom(ax: plt.Axes) -> None:
+    """Room above the tallest bar or marker. A stacked bar's base is a "sticky" edge that
+    autoscaling never pads past, so an empty top segment (height 0) pinned the axis to the tallest
+    bar's top."""
+    ax.set_ylim(top=max(float(ax.dataLim.y1) * 1.08, 1.0))
+
+
 def _forgetting_figure(rep: MethodReport) -> Figure:
     rows = rep.forgetting
     fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(rows) + 2), 4.2))
@@ -196,6 +203,7 @@ def _forgetting_figure(rep: MethodReport) -> Figure:
         label="net drop a[j][j] - a[T][j]",
     )
     ax.axhline(0, color="grey", lw=0.8)
+    _headroom(ax)
     ax.set_xticks(x, task_labels([r.task for r in rows]), rotation=30, ha="right")
     ax.set_ylabel("percentage points of the task's samples")
     ax.set_title(f"{rep.method}: forgetting from stage j to stage {len(rep.matrices.tasks)}, per task j")
@@ -356,6 +364,7 @@ def _comparison_forgetting_figure(reports: Sequence[MethodReport]) -> Figure:
     left.set_ylabel("percentage points (mean over tasks j < T)")
     left.set_title("Mean forgetting per method", fontsize=11)
     left.axhline(0, color="grey", lw=0.8)
+    _headroom(left)
 
     tasks = [row.task for row in with_rows[0].forgetting]
     n = len(with_rows)
@@ -377,6 +386,7 @@ def _comparison_forgetting_figure(reports: Sequence[MethodReport]) -> Figure:
     longest = max(len(r.method) for r in with_rows)
     right.tick_params(axis="x", pad=8 + 4.2 * longest if n > 1 else 4)
     right.axhline(0, color="grey", lw=0.8)
+    _headroom(right)
     right.set_title(
         "Per task j: lost score split by the final answer (bars per method, labelled below)", fontsize=11
     )

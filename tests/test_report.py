@@ -22,10 +22,16 @@ PNG = b"\x89PNG\r\n\x1a\n"
 
 
 def fake_run(
-    run_dir: Path, method: str, forget: dict[tuple[int, int], int], stages: int = 3, n: int = 4
+    run_dir: Path,
+    method: str,
+    forget: dict[tuple[int, int], int],
+    stages: int = 3,
+    n: int = 4,
+    keep_format: bool = False,
 ) -> None:
     """Predictions of `method`: every sample right at its own stage; forget[(stage, task)] of them
-    wrong later, the first of which is still right in content (superficial)."""
+    wrong later, the first of which is still right in content (superficial). `keep_format`: the
+    lost ones keep the format and lose the content instead (all essential, format kept)."""
     for k in range(1, stages + 1):
         recs = []
         for j in range(k):
@@ -42,8 +48,8 @@ def fake_run(
                         "p",
                         "r",
                         float(right),
-                        right,
-                        right or i == 0,
+                        right or keep_format,
+                        right or (i == 0 and not keep_format),
                         float(right),
                     )
                 )
@@ -204,3 +210,26 @@ def test_headline_rows_follow_the_run_order(run_dir: Path) -> None:
     full = full_rows(summary)
     assert [r["method"] for r in full] == ["lora", "asd", "sefe"]
     assert {"accuracy MFT", "format BWT", "content MFN", "forgetting superficial_share"} <= set(full[0])
+
+
+def test_forgetting_figure_leaves_room_and_keeps_its_labels_apart(tmp_path: Path) -> None:
+    """The tallest bar stays below the axis top (a zero-high stacked segment used to pin the axis
+    to it), and the task names sit below the rotated method names instead of crossing them."""
+    from sefe_core.analysis import analyse_method
+    from sefe_core.report import _comparison_forgetting_figure
+
+    # lora forgets all 4 samples of task 0 with the format kept: a bar of 100 points whose top
+    # segment (format lost too) is empty, which pinned the axis at 100 before the fix
+    fake_run(tmp_path, "lora", {(3, 0): 4, (3, 1): 2}, keep_format=True)
+    fake_run(tmp_path, "reglora-random", {(3, 0): 1})
+    fig = _comparison_forgetting_figure([analyse_method(tmp_path, m, None) for m in ("lora", "reglora-random")])
+    right = fig.axes[1]
+    tallest = max(p.get_y() + p.get_height() for p in right.patches)
+    assert tallest == pytest.approx(100.0)
+    assert right.get_ylim()[1] > tallest * 1.05
+    renderer = fig.canvas.get_renderer()
+    methods = [t for t in right.texts if t.get_text() in ("lora", "reglora-random")]
+    assert len(methods) == 4  # one per method per forgotten-from task
+    lowest_method = min(t.get_window_extent(renderer).y0 for t in methods)
+    names = [t for t in right.get_xticklabels() if t.get_text()]
+    assert names and all(t.get_window_extent(renderer).y1 <= lowest_method for t in names)
