@@ -222,7 +222,9 @@ def test_forgetting_figure_leaves_room_and_keeps_its_labels_apart(tmp_path: Path
     # segment (format lost too) is empty, which pinned the axis at 100 before the fix
     fake_run(tmp_path, "lora", {(3, 0): 4, (3, 1): 2}, keep_format=True)
     fake_run(tmp_path, "reglora-random", {(3, 0): 1})
-    fig = _comparison_forgetting_figure([analyse_method(tmp_path, m, None) for m in ("lora", "reglora-random")])
+    fig = _comparison_forgetting_figure(
+        [analyse_method(tmp_path, m, None) for m in ("lora", "reglora-random")]
+    )
     right = fig.axes[1]
     tallest = max(p.get_y() + p.get_height() for p in right.patches)
     assert tallest == pytest.approx(100.0)
