@@ -26,19 +26,31 @@ def _metrics(out: dict) -> dict:
 
 
 @pytest.fixture(scope="module")
-def untouched(tmp_path_factory) -> dict:
+def untouched_run(tmp_path_factory):
+    """One run of the config, left as it finished: each fault test damages a copy of it."""
     from flows.pipeline import sefe_pipeline
 
-    return _metrics(sefe_pipeline(small_config(tmp_path_factory.mktemp("untouched"), *CONFIG)))
+    cfg = small_config(tmp_path_factory.mktemp("untouched"), *CONFIG)
+    return cfg, _metrics(sefe_pipeline(cfg))
+
+
+@pytest.fixture(scope="module")
+def untouched(untouched_run) -> dict:
+    return untouched_run[1]
 
 
 @pytest.fixture
-def finished(tmp_path, untouched):
-    """A finished run of the same config, to damage."""
-    from flows.pipeline import sefe_pipeline
+def finished(tmp_path, untouched_run):
+    """A finished run of the same config, to damage: `cp -a` of the untouched one (a copied run
+    directory is a run of its own, `test_a_copied_run_directory_uses_its_own_files`), which
+    shows itself as complete before it is damaged."""
+    from flows.pipeline import finished_pipeline
 
+    source = untouched_run[0]
+    shutil.copytree(source.run_dir, tmp_path / source.run_dir.name, symlinks=True)
     cfg = small_config(tmp_path, *CONFIG)
-    assert _metrics(sefe_pipeline(cfg)) == untouched
+    shown = finished_pipeline(cfg)
+    assert shown is not None and _metrics(shown) == untouched_run[1], "the copy must show as finished"
     return cfg
 
 
