@@ -33,10 +33,7 @@ class TinyVLMConfig:
     vision_layers: int = 3
     text_hidden: int = 128
     text_layers: int = 3
-    # 8 heads of 16 rather than 4 of 32 (same parameters): the look-up on a picture (bind the object,
-    # find the option naming its attribute, emit its letter) needs more attention patterns per
-    # layer than 4 heads hold (BENCHMARKS.md, "Base builds", 2026-12-05: ScienceQA 47 -> 55 trained)
-    text_heads: int = 8
+    text_heads: int = 4
     text_intermediate: int = 256
     vision_steps: int = 1500  # stage 1: the vision tower on dense labels
     vision_batch: int = 64

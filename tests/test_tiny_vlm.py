@@ -116,7 +116,7 @@ def test_shipped_base_reads_its_images() -> None:
 
     model, processor = load_vlm(SHIPPED)
     got = probe(model, processor, n_per_kind=100, seed=7)
-    # shipped build (builder 6, 8 heads): colour 95, shape 95, position 97, count 91, sign 100, box 97, options 91 (%)
+    # shipped build (builder 6): colour 72, shape 95, position 78, count 91, sign 100, box 73, options 68 (%)
     for kind, v in got.items():
         assert v["accuracy"] >= v["chance"] + 0.1, (kind, v)
     assert sum(v["accuracy"] - v["chance"] for v in got.values()) / len(got) >= 0.3, got
