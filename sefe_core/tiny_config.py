@@ -39,6 +39,7 @@ class TinyVLMConfig:
     text_hidden: int = 128
     text_layers: int = 3
     text_heads: int = 4
+    text_head_size: int = 0  # 0: text_hidden / text_heads; else each head's size (Llama's head_dim)
     text_intermediate: int = 256
     vision_steps: int = 1500  # stage 1: the vision tower on dense labels
     vision_batch: int = 64
@@ -62,7 +63,14 @@ class TinyVLMConfig:
             k
             for k, v in asdict(self).items()
             if k
-            not in ("seed", "use_shipped", "pretrain_heldout", "pretrain_box_share", "curriculum_samples")
+            not in (
+                "seed",
+                "use_shipped",
+                "pretrain_heldout",
+                "pretrain_box_share",
+                "curriculum_samples",
+                "text_head_size",
+            )
             and v <= 0
         ]
         if positive:
@@ -90,10 +98,12 @@ class TinyVLMConfig:
 
     @property
     def text_head_dim(self) -> int:
-        return self.text_hidden // self.text_heads
+        return self.text_head_size or self.text_hidden // self.text_heads
 
     def key(self) -> str:
         fields = {k: v for k, v in asdict(self).items() if k != "use_shipped"}
+        if not self.text_head_size:  # keys of configs from before the field existed stay as they were
+            del fields["text_head_size"]
         return config_hash({"config": fields, "version": BUILDER_VERSION})
 
 

@@ -197,6 +197,7 @@ def build_model(tokenizer: PreTrainedTokenizerFast, cfg: TinyVLMConfig) -> Llava
         num_hidden_layers=cfg.text_layers,
         num_attention_heads=cfg.text_heads,
         num_key_value_heads=cfg.text_heads,
+        head_dim=cfg.text_head_dim,
         max_position_embeddings=512,
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id,

@@ -120,6 +120,23 @@ def test_shipped_base_has_a_head_size_vllm_cpu_serves() -> None:
     assert TinyVLMConfig(text_heads=8).text_head_dim not in VLLM_CPU_HEAD_SIZES
 
 
+def test_text_head_size_sets_llama_head_dim_apart_from_the_width() -> None:
+    """More heads at the same width shrink each head below what vLLM's CPU build serves; a head
+    size set apart keeps it servable. Left at 0 it changes nothing, not even the cache key."""
+    from sefe_core.tiny_config import TinyVLMConfig
+    from sefe_core.tiny_vlm import build_model, build_tokenizer
+
+    assert TinyVLMConfig(text_head_size=0).text_head_dim == 128 // TinyVLMConfig().text_heads
+    cfg = TinyVLMConfig(text_heads=8, text_head_size=32, text_layers=1, vision_layers=1)
+    assert cfg.key() != TinyVLMConfig(text_heads=8, text_layers=1, vision_layers=1).key()
+    model = build_model(build_tokenizer(["what colour is the box"]), cfg)
+    text = model.config.text_config
+    assert (text.hidden_size, text.num_attention_heads, text.head_dim) == (128, 8, 32)
+    attn = model.model.language_model.layers[0].self_attn
+    assert attn.q_proj.weight.shape == (8 * 32, 128)
+    assert attn.o_proj.weight.shape == (128, 8 * 32)
+
+
 def test_shipped_base_reads_its_images() -> None:
     """A fresh probe (held-out generic questions) of the shipped model, far above chance."""
     from sefe_core.tiny_config import SHIPPED
