@@ -38,8 +38,12 @@ class TinyVLMConfig:
     vision_layers: int = 3
     text_hidden: int = 128
     text_layers: int = 3
-    text_heads: int = 4
-    text_head_size: int = 0  # 0: text_hidden / text_heads; else each head's size (Llama's head_dim)
+    # 8 heads of 32 rather than 4: the look-up on a picture (bind the object, find the option that
+    # names its attribute, emit its letter) needs more attention patterns per layer than 4 heads
+    # hold (BENCHMARKS.md, "Base builds", 2026-12-05: ScienceQA trained 47 -> 66 on the tuning
+    # seeds). 8 heads of 16 did as well but vLLM's CPU build serves no head size under 32.
+    text_heads: int = 8
+    text_head_size: int = 32  # 0: text_hidden / text_heads; else each head's size (Llama's head_dim)
     text_intermediate: int = 256
     vision_steps: int = 1500  # stage 1: the vision tower on dense labels
     vision_batch: int = 64
