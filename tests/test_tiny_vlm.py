@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import time
 
+import pytest
 import torch
 from safetensors import safe_open
 
@@ -127,6 +128,10 @@ def test_text_head_size_sets_llama_head_dim_apart_from_the_width() -> None:
     from sefe_core.tiny_vlm import build_model, build_tokenizer
 
     assert TinyVLMConfig(text_head_size=0).text_head_dim == 128 // TinyVLMConfig().text_heads
+    # the 4-head base shipped before the field existed (builder 6, 2026-12-04) keeps its key
+    assert TinyVLMConfig(text_heads=4, text_head_size=0).key() == "afadc4b523f5e0e7"
+    with pytest.raises(ValueError, match="text_head_size"):
+        TinyVLMConfig(text_head_size=-1)
     cfg = TinyVLMConfig(text_heads=8, text_head_size=32, text_layers=1, vision_layers=1)
     assert cfg.key() != TinyVLMConfig(text_heads=8, text_head_size=0, text_layers=1, vision_layers=1).key()
     model = build_model(build_tokenizer(["what colour is the box"]), cfg)
